@@ -1,0 +1,106 @@
+"""`Encoder`: a frozen timm backbone plus the checkpoint it came from, answering `tokens(images)`."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .architecture import Architecture, parameter_count
+from .checkpoints import Checkpoint, ModelCard, load_backbone, read_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Tokens:
+    """Backbone outputs for a batch, all after the final norm (DINOv3's `x_norm_*` outputs).
+
+    cls [B, D], registers [B, R, D], patches [B, h, w, D], and `layers[i]` [B, h, w, D] for each requested
+    block index i (the output of block i passed through the final norm).
+    """
+
+    cls: Tensor
+    registers: Tensor
+    patches: Tensor
+    layers: dict[int, Tensor]
+
+
+def select_device(device: str | torch.device | None = None) -> torch.device:
+    """The requested device, or the best available one: CUDA, then Apple MPS, then CPU."""
+    if device not in (None, "auto"):
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+class Encoder:
+    """A frozen ViT backbone in eval mode. Feed it model-ready images; it returns `Tokens`."""
+
+    def __init__(self, model: nn.Module, checkpoint: Checkpoint, device: torch.device):
+        self.model = model.to(device).eval().requires_grad_(False)
+        self.checkpoint = checkpoint
+        self.device = device
+
+    @property
+    def architecture(self) -> Architecture:
+        return self.checkpoint.architecture
+
+    @property
+    def card(self) -> ModelCard | None:
+        return self.checkpoint.card
+
+    @property
+    def model_id(self) -> str:
+        return self.checkpoint.model_id
+
+    @property
+    def patch_size(self) -> int:
+        return self.architecture.patch_size
+
+    @property
+    def embed_dim(self) -> int:
+        return self.architecture.embed_dim
+
+    @property
+    def num_parameters(self) -> int:
+        return parameter_count(self.model)
+
+    @torch.inference_mode()
+    def tokens(self, images: Tensor, layers: list[int] | tuple[int, ...] | None = None) -> Tokens:
+        """Run the backbone on `images` [B, C, H, W] (H, W multiples of the patch size), as given."""
+        batch, channels, height, width = images.shape
+        patch = self.patch_size
+        if height % patch or width % patch:
+            raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {patch}")
+        if channels != self.architecture.in_chans:
+            raise ValueError(f"images have {channels} channels, the model expects {self.architecture.in_chans}")
+        layers = sorted(set(layers or ()))
+        depth = self.architecture.depth
+        if any(not 0 <= i < depth for i in layers):
+            raise ValueError(f"layer indices {layers} out of range for a {depth}-block model")
+        x = images.to(self.device)
+        if layers:
+            final, intermediates = self.model.forward_intermediates(x, indices=layers, norm=True, output_fmt="NLC")
+        else:
+            final, intermediates = self.model.forward_features(x), []
+        h, w = height // patch, width // patch
+        registers = self.architecture.num_register_tokens
+        prefix = 1 + registers
+        return Tokens(cls=final[:, 0], registers=final[:, 1:prefix],
+                      patches=final[:, prefix:].reshape(batch, h, w, -1),
+                      layers={i: y.reshape(batch, h, w, -1) for i, y in zip(layers, intermediates)})
+
+
+def load_encoder(source: str | Path = "demo", device: str | torch.device | None = None) -> Encoder:
+    """Load a checkpoint (path or built-in model name) as a frozen `Encoder` on `device` (auto if None)."""
+    checkpoint = read_checkpoint(source)
+    encoder = Encoder(load_backbone(checkpoint), checkpoint, select_device(device))
+    log.info("loaded %s (%s) from %s on %s", checkpoint.architecture.describe(), checkpoint.kind,
+             checkpoint.path, encoder.device)
+    return encoder

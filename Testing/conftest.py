@@ -1,0 +1,29 @@
+"""Shared fixtures: paths to the real data in ../shared and the bundled sample, small encoders."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+DATA = SHARED / "data"
+TEACHER_FIXTURE = SHARED / "fixtures" / "dinov3_teacher"
+SAMPLE_T1 = REPO / "BrainDINOLib" / "data" / "colin27_t1.nii.gz"
+
+
+@pytest.fixture(scope="session")
+def teacher_checkpoint() -> Path:
+    return TEACHER_FIXTURE / "teacher_checkpoint.pth"
+
+
+@pytest.fixture(scope="session")
+def sample_volume():
+    from BrainDINOLib import read_volume
+    return read_volume(SAMPLE_T1)
+
+
+@pytest.fixture(scope="session")
+def fixture_encoder(teacher_checkpoint):
+    from BrainDINOLib import load_encoder
+    return load_encoder(teacher_checkpoint, device="cpu")
