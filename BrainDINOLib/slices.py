@@ -32,6 +32,7 @@ class PreprocessConfig:
     clip_percentiles: tuple[float, float] = (0.5, 99.5)
     margin_mm: float = 8.0
     min_slice_foreground: float = 0.05  # skip slices whose foreground area is below this fraction of the largest
+    min_foreground_voxels: int = 512  # less than this is noise, not a head
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -153,10 +154,10 @@ class SliceStack:
         if config.image_size % patch_size:
             raise ValueError(f"image_size {config.image_size} is not a multiple of the patch size {patch_size}")
         mask = foreground_mask(volume)
+        if mask.sum() < config.min_foreground_voxels:
+            raise BrainDINOError(volume.source or "volume", f"no usable foreground: only {int(mask.sum())} voxels "
+                                                            "stand out from the background")
         area = mask.sum(axis=(1, 2))
-        if area.max() == 0:
-            raise BrainDINOError(volume.source or "volume", "no foreground found (the image has no head or brain "
-                                                            "signal above background)")
         keep = np.flatnonzero(area >= config.min_slice_foreground * area.max())
         normalised = normalise_intensity(volume.array, mask, config.clip_percentiles)
         background = float(normalised[~mask].min()) if (~mask).any() else float(normalised.min())

@@ -12,7 +12,10 @@ Physical points are LPS millimetres (ITK's world); Slicer's RAS is `(-x, -y, z)`
 """
 from __future__ import annotations
 
+import gzip
 import logging
+import struct
+import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -152,11 +155,50 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
         raise BrainDINOError(folder, f"unreadable DICOM series: {_itk_reason(error)}") from None
 
 
+def _nifti_bytes(path: Path) -> tuple[bytes, bool]:
+    """The (decompressed) bytes of a NIfTI file and whether the gzip stream, if any, was complete."""
+    if not path.name.endswith(".gz"):
+        return path.read_bytes(), True
+    chunks, complete = [], True
+    with gzip.open(path, "rb") as stream:
+        try:
+            for chunk in iter(lambda: stream.read(1 << 22), b""):
+                chunks.append(chunk)
+        except (EOFError, OSError, zlib.error):
+            complete = False
+    return b"".join(chunks), complete
+
+
+def _check_nifti_complete(path: Path) -> None:
+    """ITK zero-fills a truncated NIfTI without complaint; refuse one whose voxel data is cut short."""
+    data, complete = _nifti_bytes(path)
+    if not complete:
+        raise BrainDINOError(path, "truncated or corrupt gzip stream")
+    for order in "<>":
+        if len(data) >= 4 and struct.unpack(order + "i", data[:4])[0] in (348, 540):
+            break
+    else:
+        raise BrainDINOError(path, "not a NIfTI file (bad header size)")
+    if struct.unpack(order + "i", data[:4])[0] == 348:
+        dims = struct.unpack(order + "8h", data[40:56])
+        bitpix = struct.unpack(order + "h", data[72:74])[0]
+        offset = int(struct.unpack(order + "f", data[108:112])[0])
+    else:
+        bitpix = struct.unpack(order + "h", data[14:16])[0]
+        dims = struct.unpack(order + "8q", data[16:80])
+        offset = struct.unpack(order + "q", data[168:176])[0]
+    expected = offset + int(np.prod([max(1, d) for d in dims[1:1 + dims[0]]], dtype=np.int64)) * bitpix // 8
+    if len(data) < expected:
+        raise BrainDINOError(path, f"truncated: {len(data)} bytes of voxel data and header, {expected} expected")
+
+
 def _read_image(path: Path) -> sitk.Image:
     if not path.exists():
         raise BrainDINOError(path, "no such file or folder")
     if path.is_dir():
         return _read_dicom_series(path)
+    if path.name.endswith((".nii", ".nii.gz")):
+        _check_nifti_complete(path)
     try:
         return sitk.ReadImage(str(path))
     except RuntimeError as error:
