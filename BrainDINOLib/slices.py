@@ -77,7 +77,7 @@ class SliceGeometry:
 
         Slices that were skipped get `fill`. Work is done `chunk` slices at a time to bound memory.
         """
-        maps = torch.as_tensor(np.asarray(per_patch) if not isinstance(per_patch, Tensor) else per_patch)
+        maps = per_patch if isinstance(per_patch, Tensor) else torch.from_numpy(np.array(per_patch, np.float32))
         squeeze = maps.ndim == 3
         if squeeze:
             maps = maps[..., None]
