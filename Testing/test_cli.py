@@ -1,0 +1,47 @@
+"""The `braindino` command: real subprocesses, exit codes, one-line errors, outputs."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from BrainDINOLib import VolumeFeatures
+from BrainDINOLib.cli import main
+from conftest import SAMPLE_T1
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "BrainDINOLib.cli", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("args, problem", [
+    (["embed", "no/such/volume.nii.gz", "--model", "x"], "no/such/volume.nii.gz: no such file or folder"),
+    (["info", "no/such/model.pth"], "no/such/model.pth: no such checkpoint file (built-in model names: demo)"),
+])
+def test_bad_input_exits_2_with_one_line_and_no_traceback(args, problem):
+    result = run(*args)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"braindino: error: {problem}"
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_checkpoint_through_the_cli(tmp_path):
+    bad = tmp_path / "weights.pth"
+    torch.save({"weight": torch.zeros(2)}, bad)
+    result = run("embed", str(SAMPLE_T1), "--model", str(bad), "--no-cache")
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith(f"braindino: error: {bad}: unknown checkpoint kind")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_embed_writes_features(tmp_path, teacher_checkpoint, capsys):
+    out = tmp_path / "colin.safetensors"
+    code = main(["embed", str(SAMPLE_T1), "--model", str(teacher_checkpoint), "--image-size", "112",
+                 "--layers", "0,2", "--out", str(out), "--cache-dir", str(tmp_path / "cache")])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "x 7x7 patches x 256 dims" in printed and f"wrote {out}" in printed
+    features = VolumeFeatures.load(out)
+    assert features.grid == (7, 7) and set(features.layers) == {0, 2}
+    assert features.source == str(SAMPLE_T1)
