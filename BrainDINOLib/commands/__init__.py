@@ -1,4 +1,4 @@
 """The `braindino` subcommands, one module per capability; each module has `register(subparsers)`."""
-from . import engine
+from . import engine, maps, training
 
-COMMAND_MODULES = [engine]
+COMMAND_MODULES = [engine, training, maps]

@@ -1,0 +1,242 @@
+"""The pretraining loop, top to bottom: set up, (resume,) train step by step, checkpoint, export.
+
+Exact resume: everything random in step s on rank r (the slices, the crops, the masks, drop-path) is
+drawn from generators seeded by (seed, s, r), and the schedules are functions of s. So a checkpoint holds
+only the networks, the optimizer, the teacher-target centres and the step; a run killed with SIGKILL
+and resumed from its last checkpoint repeats exactly what the lost steps would have done.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from ..atomic import atomic_path, write_text_atomic
+from ..errors import BrainDINOError, CancelledError
+from .batches import StepBatch, StepBatches, collate_single, derive_seed
+from .config import TrainConfig, config_from_dict
+from .distributed import Distributed, setup_distributed, teardown_distributed
+from .export import export_teacher
+from .losses import TeacherTargets, dino_loss, koleo_loss, cross_entropy
+from .metrics import MetricsLog, plot_loss_curves
+from .model import DistillationNetwork, build_network
+from .optim import Schedules, StepValues, apply_step_values, build_optimizer, update_teacher
+from .shards import SliceShards
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "checkpoint.pth"
+CHECKPOINT_FORMAT = "braindino-pretrain/1"
+
+
+@dataclass
+class PretrainResult:
+    output_dir: Path
+    steps: int
+    final_loss: float
+    seconds: float
+    exported: dict[str, Path]
+
+
+class Losses(torch.nn.Module):
+    """The step's losses from student and teacher outputs; holds the teacher-target modules (and centres)."""
+
+    def __init__(self, config: TrainConfig):
+        super().__init__()
+        c = config.loss
+        self.config = c
+        self.dino_targets = TeacherTargets(c.prototypes, c.target, c.sinkhorn_iterations, c.center_momentum)
+        self.ibot_targets = TeacherTargets(c.ibot_prototypes, c.target, c.sinkhorn_iterations, c.center_momentum)
+
+    def forward(self, student, teacher, values: StepValues) -> dict[str, torch.Tensor]:
+        c = self.config
+        dino_targets = self.dino_targets(teacher.dino_global, values.teacher_temperature)
+        ibot_targets = self.ibot_targets(teacher.ibot_masked, values.teacher_temperature)
+        dino = dino_loss(dino_targets, student.dino_global, student.dino_local, c.student_temperature)
+        ibot = cross_entropy(ibot_targets, student.ibot_masked, c.student_temperature)
+        koleo = torch.stack([koleo_loss(view) for view in student.global_cls.chunk(2)]).mean()
+        total = c.dino_weight * dino + c.ibot_weight * ibot + c.koleo_weight * koleo
+        return {"loss": total, "dino": dino, "ibot": ibot, "koleo": koleo}
+
+
+def state_digest(module: torch.nn.Module) -> str:
+    """sha256 of a module's tensors (in name order): equal digests mean bitwise-equal weights."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _to(batch: StepBatch, device: torch.device) -> StepBatch:
+    return StepBatch(*(t.to(device, non_blocking=True) for t in (batch.global_crops, batch.local_crops,
+                                                                 batch.masks, batch.indices)))
+
+
+def _save_checkpoint(path: Path, step: int, student: DistillationNetwork, teacher: DistillationNetwork,
+                     optimizer: torch.optim.Optimizer, losses: Losses, config: TrainConfig) -> None:
+    state = {"format": CHECKPOINT_FORMAT, "step": step, "student_network": student.state_dict(),
+             "teacher_network": teacher.state_dict(), "optimizer": optimizer.state_dict(),
+             "losses": losses.state_dict(), "config": config.to_dict(),
+             "architecture": student.architecture.to_dict()}
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _load_checkpoint(path: Path, student: DistillationNetwork, teacher: DistillationNetwork,
+                     optimizer: torch.optim.Optimizer, losses: Losses, config: TrainConfig) -> int:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise BrainDINOError(path, f"not a BrainDINO pretraining checkpoint (format {state.get('format')!r})")
+    saved = config_from_dict(state["config"])
+    for section in ("crops", "model", "loss"):
+        if getattr(saved, section) != getattr(config, section):
+            log.warning("resuming with a different %s section than the checkpoint was trained with", section)
+    student.load_state_dict(state["student_network"])
+    teacher.load_state_dict(state["teacher_network"])
+    optimizer.load_state_dict(state["optimizer"])
+    losses.load_state_dict(state["losses"])
+    return int(state["step"])
+
+
+def pretrain(config: TrainConfig, resume: bool = False, device: str | None = None,
+             progress: Callable[[int, int], None] | None = None,
+             cancel: Callable[[], bool] | None = None) -> PretrainResult:
+    """Run (or resume) pretraining as described by `config`, in this process and its torchrun peers."""
+    context = setup_distributed(device)
+    try:
+        return _pretrain(config, context, resume, progress, cancel)
+    finally:
+        teardown_distributed()
+
+
+def _pretrain(config: TrainConfig, context: Distributed, resume: bool,
+              progress: Callable[[int, int], None] | None, cancel: Callable[[], bool] | None) -> PretrainResult:
+    run, optim = config.run, config.optim
+    if run.num_threads:
+        torch.set_num_threads(run.num_threads)
+    output = Path(run.output_dir)
+    if context.is_main:
+        output.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(output / "config.yaml", config.to_yaml())
+    if not config.data.shards:
+        raise BrainDINOError("config", "data.shards is not set (a folder written by braindino prepare-slices)")
+    shards = SliceShards(config.data.shards)
+
+    # Networks: identical initialisation on every rank; the teacher starts as a copy and never gets gradients.
+    torch.manual_seed(run.seed)
+    student = build_network(config.model, config.loss).to(context.device)
+    teacher = copy.deepcopy(student).eval().requires_grad_(False)
+    architecture = student.architecture
+    losses = Losses(config).to(context.device)
+    optimizer = build_optimizer(student, architecture.depth, optim)
+    schedules = Schedules(optim, config.loss, optim.batch_size * context.world_size)
+
+    checkpoint_path = output / CHECKPOINT_NAME
+    start = 0
+    if resume and checkpoint_path.exists():
+        start = _load_checkpoint(checkpoint_path, student, teacher, optimizer, losses, config)
+        log.info("resumed from %s at step %d", checkpoint_path, start)
+    elif resume:
+        log.warning("no checkpoint in %s: starting from step 0", output)
+    trainable = student
+    if context.enabled:
+        trainable = DistributedDataParallel(student, device_ids=[context.device.index]
+                                            if context.device.type == "cuda" else None)
+
+    batches = StepBatches(shards, config.crops, config.loss, optim.batch_size, architecture.patch_size,
+                          architecture.in_chans, run.seed, context.rank, context.world_size)
+    loader = DataLoader(batches, batch_size=None, sampler=range(start, optim.steps), collate_fn=collate_single,
+                        num_workers=config.data.num_workers, pin_memory=context.device.type == "cuda")
+    metrics = MetricsLog(output, start) if context.is_main else None
+    prototypes = [student.dino_head.prototypes, student.ibot_head.prototypes]
+    log.info("pretraining %s on %d slices: steps %d..%d, %d process(es) x %d slices", architecture.describe(),
+             len(shards), start, optim.steps, context.world_size, optim.batch_size)
+
+    started = time.perf_counter()
+    window_start, window_images = started, 0
+    values = {"loss": torch.tensor(float("nan"))}
+    for step, batch in zip(range(start, optim.steps), loader):
+        if cancel is not None and cancel():
+            if context.is_main:
+                _save_checkpoint(checkpoint_path, step, student, teacher, optimizer, losses, config)
+            raise CancelledError(f"pretraining cancelled at step {step} (checkpoint saved)")
+        batch = _to(batch, context.device)
+        step_values = schedules.at(step)
+        apply_step_values(optimizer, step_values)
+        torch.manual_seed(derive_seed(run.seed, step, context.rank, 3))  # drop-path draws
+
+        with _autocast(context.device):
+            student_out = trainable(batch.global_crops, batch.local_crops, batch.masks)
+            with torch.no_grad():
+                teacher_out = teacher(batch.global_crops, None, batch.masks)
+        values = losses(student_out, teacher_out, step_values)
+        optimizer.zero_grad(set_to_none=True)
+        values["loss"].backward()
+        if step_values.freeze_prototypes:
+            for parameter in prototypes:
+                parameter.grad = None
+        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), optim.clip_grad)
+        optimizer.step()
+        update_teacher(teacher, student, step_values.momentum)
+        window_images += optim.batch_size * context.world_size
+
+        done = step + 1
+        if metrics is not None and (done % run.log_every == 0 or done == optim.steps or step == start):
+            now = time.perf_counter()
+            row = {"step": step, "epoch": round(batches.epoch(done), 4),
+                   **{k: round(float(v.detach()), 6) for k, v in values.items()},
+                   "lr": step_values.lr, "weight_decay": round(step_values.weight_decay, 6),
+                   "momentum": round(step_values.momentum, 6),
+                   "teacher_temperature": round(step_values.teacher_temperature, 6),
+                   "grad_norm": round(float(grad_norm), 4),
+                   "images_per_s": round(window_images / max(now - window_start, 1e-9), 3),
+                   "elapsed_s": round(now - started, 1)}
+            metrics.add(row)
+            log.info("step %d/%d loss %.4f (dino %.4f ibot %.4f koleo %.4f) lr %.2e %.1f img/s", done, optim.steps,
+                     row["loss"], row["dino"], row["ibot"], row["koleo"], row["lr"], row["images_per_s"])
+            window_start, window_images = now, 0
+        if done % run.checkpoint_every == 0 or done == optim.steps:
+            if context.is_main:
+                _save_checkpoint(checkpoint_path, done, student, teacher, optimizer, losses, config)
+            context.barrier()
+        if progress is not None:
+            progress(done, optim.steps)
+
+    seconds = time.perf_counter() - started
+    final_loss = float(values["loss"].detach())
+    digests = context.gather(state_digest(teacher))
+    exported: dict[str, Path] = {}
+    if context.is_main:
+        metrics.close()
+        if metrics.rows:
+            plot_loss_curves(metrics.path, output / "loss_curves.png", f"{architecture.describe()}")
+        provenance = {"steps": optim.steps, "processes": context.world_size, "slices": len(shards),
+                      "volumes": [v["path"] for v in shards.index["volumes"]], "config": config.to_dict(),
+                      "final_loss": final_loss}
+        exported = export_teacher(teacher, output / "export", run.export_name, shards.preprocessing, provenance,
+                                  description=f"BrainDINO pretraining run in {output}", iteration=optim.steps)
+        summary = {"steps": optim.steps, "resumed_from": start, "final_loss": final_loss,
+                   "seconds_this_run": round(seconds, 1), "world_size": context.world_size,
+                   "teacher_digests": digests, "exported": {k: str(v) for k, v in exported.items()}}
+        write_text_atomic(output / "final.json", json.dumps(summary, indent=1) + "\n")
+        log.info("finished %d steps, final loss %.4f, %.0f s; exported %s", optim.steps, final_loss, seconds,
+                 ", ".join(map(str, exported.values())))
+    context.barrier()
+    return PretrainResult(output, optim.steps, final_loss, seconds, exported)
