@@ -1,0 +1,92 @@
+"""Few-shot segmentation of the case at hand: label a few axial slices, get the whole volume.
+
+The head is fitted on the labelled slices' patch tokens only (seconds on a CPU: a few hundred patches per
+slice, a linear head, full-batch AdamW) and then applied to every slice of the same volume. It is a
+normal segmentation head: it can be saved and applied to other volumes from the same encoder.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import BrainDINOError
+from ..features import VolumeFeatures
+from ..volume import Volume
+from .card import HeadCard, make_classes
+from .head import Head
+from .segmentation import (make_segmentation_module, patch_inputs, segment, slice_positions, soft_cross_entropy,
+                           soft_targets)
+from .training import History, TrainConfig, train_module
+
+log = logging.getLogger(__name__)
+
+FEW_SHOT_TRAINING = TrainConfig(max_epochs=150, learning_rate=1e-2, weight_decay=1e-4, batch_size=0)
+
+
+@dataclass
+class FewShotResult:
+    labels: Volume  # label values on the input grid, 0 = background
+    head: Head
+    class_names: list[str]
+    history: History
+
+
+def _class_names(values: list[int], names: Sequence[str] | None) -> list[str] | None:
+    """`names[v]` names label value v when the list covers the largest value; else one name per present class."""
+    if names is None:
+        return None
+    names = list(names)
+    if len(names) > max(values):
+        return [names[v] for v in values]
+    if len(names) == len(values):
+        return names
+    raise BrainDINOError("class_names", f"{len(names)} names for label values {values}: give one name per label "
+                                        f"value 0..{max(values)} or one per class present")
+
+
+def few_shot_segment(features: VolumeFeatures, labels: np.ndarray, slice_indices: Sequence[int],
+                     class_names: Sequence[str] | None = None, progress: Callable[[int, int], None] | None = None,
+                     cancel: Callable[[], bool] | None = None, kind: str = "linear",
+                     config: TrainConfig = FEW_SHOT_TRAINING, cleanup: bool = False) -> FewShotResult:
+    """Fit a segmentation head on axial slices `slice_indices` of `labels` (int [Z, Y, X] on the canonical
+    grid of the volume `features` came from; only those slices are read) and segment the whole volume.
+
+    Uses the concatenated blocks in `features.layers` when present (else the final patch tokens). The
+    classes are the label values present on the given slices, background (0) always included.
+    """
+    labels = np.asarray(labels)
+    source = features.source or "features"
+    if labels.shape != tuple(features.slices.volume_shape):
+        raise BrainDINOError("labels", f"shape {labels.shape} is not the volume grid {features.slices.volume_shape}")
+    if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
+        raise BrainDINOError("labels", "must be non-negative integers (0 = background)")
+    if not slice_indices:
+        raise BrainDINOError("slice_indices", "give at least one labelled slice")
+    slice_indices = sorted({int(k) for k in slice_indices})
+    labelled = labels[slice_indices]
+    values = sorted({0, *np.unique(labelled).tolist()})
+    if len(values) < 2:
+        raise BrainDINOError("labels", f"slices {slice_indices} hold no labels other than background")
+    layers = tuple(sorted(features.layers))
+    inputs = patch_inputs(features, layers, slice_positions(features, slice_indices)).float()
+    torch.manual_seed(config.seed)
+    module, arguments = make_segmentation_module(kind, inputs.shape[1], len(values))
+    targets = soft_targets(labels, features.slices, slice_indices, values, module.upscale)
+
+    def batch_loss(m, index):
+        return soft_cross_entropy(m(inputs[index]), targets[index])
+
+    history = train_module(module, batch_loss, len(slice_indices), config, progress=progress, cancel=cancel)
+    log.info("few-shot head on %d slices of %s: loss %.3f", len(slice_indices), source, history.train_loss[-1])
+    card = HeadCard(task="segmentation", kind=kind, encoder_id=features.model_id,
+                    classes=make_classes(values, _class_names(values, class_names)), layers=layers,
+                    preprocessing=features.preprocessing.to_dict(), module=arguments,
+                    extra={"fitted_on": source, "labelled_slices": slice_indices, "training": config.to_dict()},
+                    description=f"few-shot segmentation from {len(slice_indices)} labelled slices")
+    head = Head(card, module.eval())
+    names = card.class_names
+    return FewShotResult(segment(head, features, cleanup=cleanup), head, names, history)
