@@ -1,0 +1,214 @@
+"""`braindino pca | similarity | attention | cluster`: feature maps of one volume, as volumes and PNG montages."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from .common import add_model_options, tqdm_progress
+
+
+def output_path(text: str) -> Path:
+    """An output volume path with a format `write_volume` knows (checked before any work is done)."""
+    from ..volume import WRITABLE_SUFFIXES
+
+    if not text.endswith(WRITABLE_SUFFIXES):
+        raise argparse.ArgumentTypeError(f"{text}: unknown output format; use one of {', '.join(WRITABLE_SUFFIXES)}")
+    return Path(text)
+
+
+def png_path(text: str) -> Path:
+    if not text.lower().endswith(".png"):
+        raise argparse.ArgumentTypeError(f"{text}: picture files must end in .png")
+    return Path(text)
+
+
+def int_between(low: int, high: int):
+    """An argparse type: an integer in [low, high]."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected an integer from {low} to {high}, got {text!r}")
+        return value
+    return parse
+
+
+def parse_point(text: str) -> np.ndarray:
+    try:
+        values = [float(x) for x in text.replace(" ", "").split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"expected three comma-separated millimetres X,Y,Z, got {text!r}")
+    return np.array(values)
+
+
+def _load_model(args: argparse.Namespace):
+    """The encoder and the preprocessing to use (the model's, with --image-size if given)."""
+    from ..embedding import default_preprocessing
+    from ..encoder import load_encoder
+
+    encoder = load_encoder(args.model, device=args.device)
+    config = default_preprocessing(encoder)
+    if args.image_size:
+        config = replace(config, image_size=args.image_size)
+    return encoder, config
+
+
+def _features(args: argparse.Namespace, volume, encoder, config):
+    """Features of `volume` (from the cache when present), with a progress bar."""
+    from ..cache import FeatureCache
+    from ..embedding import embed_volume
+
+    cache = None if args.no_cache else FeatureCache(args.cache_dir)
+    progress, bar = tqdm_progress(f"embedding {Path(volume.source).name}")
+    with bar:
+        return embed_volume(volume, encoder, config=config, batch_size=args.batch_size, progress=progress,
+                            cache=cache)
+
+
+def _write(volume, path: Path, what: str) -> None:
+    from ..volume import write_volume
+
+    write_volume(volume, path)
+    print(f"wrote {path} ({what})")
+
+
+def _montage(volume, overlay, path: Path | None, style, title: str, mask=None, point_lps=None) -> None:
+    if path is None:
+        return
+    from ..montage import save_montage
+
+    save_montage(volume, overlay, path, style, title=title, mask=mask, point_lps=point_lps)
+    print(f"wrote {path} (picture)")
+
+
+def run_pca(args: argparse.Namespace) -> int:
+    from ..maps import pca_map
+    from ..montage import OverlayStyle
+    from ..volume import read_volume
+
+    volume = read_volume(args.volume)
+    encoder, config = _load_model(args)
+    features = _features(args, volume, encoder, config)
+    result = pca_map(features, components=args.components, remove_background=not args.keep_background,
+                     seed=args.seed)
+    variance = ", ".join(f"{v:.1%}" for v in result.explained_variance_ratio)
+    _write(result.rgb, args.out, "RGB of principal components 1-3")
+    if args.components_out:
+        _write(result.components, args.components_out, f"{args.components} principal components")
+    print(f"explained variance: {variance}")
+    _montage(volume, result.rgb, args.png, OverlayStyle("rgb", alpha=0.8),
+             f"PCA of {encoder.model_id} features: {Path(args.volume).name}")
+    return 0
+
+
+def run_similarity(args: argparse.Namespace) -> int:
+    from ..maps import SimilarityIndex
+    from ..montage import OverlayStyle
+    from ..volume import ras_to_lps, read_volume
+
+    point_lps = args.point_lps if args.point_lps is not None else ras_to_lps(args.point_ras)
+    volume = read_volume(args.volume)
+    encoder, config = _load_model(args)
+    features = _features(args, volume, encoder, config)
+    source = SimilarityIndex(features)
+    if args.target is None:
+        target_volume, target_features, similarity = volume, features, source.map(point_lps)
+    else:
+        target_volume = read_volume(args.target)
+        target_features = _features(args, target_volume, encoder, config)
+        similarity = SimilarityIndex(target_features).map_query(source.query(point_lps))
+    where = f"LPS ({', '.join(f'{v:g}' for v in point_lps)}) mm"
+    _write(similarity, args.out, f"cosine similarity to {where} of {Path(args.volume).name}")
+    _montage(target_volume, similarity, args.png,
+             OverlayStyle("scalar", cmap="inferno", vmax=1.0, alpha=0.6, label="cosine similarity"),
+             f"similarity to {where} of {Path(args.volume).name}", mask=target_features.foreground,
+             point_lps=point_lps if args.target is None else None)
+    return 0
+
+
+def run_attention(args: argparse.Namespace) -> int:
+    from ..maps import attention_map
+    from ..montage import OverlayStyle
+    from ..slices import foreground_mask
+    from ..volume import read_volume
+
+    volume = read_volume(args.volume)
+    encoder, config = _load_model(args)
+    progress, bar = tqdm_progress("attention")
+    with bar:
+        result = attention_map(volume, encoder, config=config, batch_size=args.batch_size, progress=progress)
+    _write(result.mean, args.out, "last-block CLS attention, mean over heads")
+    if args.heads_out:
+        _write(result.heads, args.heads_out, f"last-block CLS attention, {result.heads.array.shape[-1]} heads")
+    _montage(volume, result.mean, args.png, OverlayStyle("scalar", cmap="viridis", alpha=0.6, label="attention"),
+             f"last-block CLS attention: {Path(args.volume).name}", mask=foreground_mask(volume))
+    return 0
+
+
+def run_cluster(args: argparse.Namespace) -> int:
+    from ..maps import cluster_map
+    from ..montage import OverlayStyle
+    from ..volume import read_volume
+
+    volume = read_volume(args.volume)
+    encoder, config = _load_model(args)
+    features = _features(args, volume, encoder, config)
+    labels = cluster_map(features, k=args.clusters, seed=args.seed)
+    _write(labels, args.out, f"{args.clusters} k-means regions, 0 = background")
+    names = {label: f"cluster {label}" for label in range(1, args.clusters + 1)}
+    _montage(volume, labels, args.png, OverlayStyle("labels", alpha=0.5, names=names),
+             f"{args.clusters} feature clusters: {Path(args.volume).name}")
+    return 0
+
+
+def _map_parser(commands: argparse._SubParsersAction, name: str, help_text: str, out_help: str):
+    parser = commands.add_parser(name, help=help_text, description=help_text)
+    parser.add_argument("volume", help="NIfTI/NRRD/MHA file or DICOM folder")
+    parser.add_argument("--out", type=output_path, required=True, help=f"{out_help} (.nii, .nii.gz, .nrrd or .mha; "
+                                                                       "written on the input's exact grid)")
+    parser.add_argument("--png", type=png_path, default=None,
+                        help="also write a PNG montage (axial, coronal, sagittal slices with the map overlaid)")
+    parser.add_argument("--image-size", type=int, default=None, help="model input size (default: the model's)")
+    add_model_options(parser)
+    return parser
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    pca = _map_parser(commands, "pca", "PCA of the patch features as an RGB volume", "RGB volume (uint8 x 3)")
+    pca.add_argument("--components", type=int_between(1, 64), default=3, help="principal components to keep (default 3)")
+    pca.add_argument("--components-out", type=output_path, default=None,
+                     help="also write the first --components components as a float vector volume")
+    pca.add_argument("--keep-background", action="store_true",
+                     help="fit on every patch and keep colours outside the head mask")
+    pca.add_argument("--seed", type=int, default=0, help="seed of the token subsample (default 0)")
+    pca.set_defaults(run=run_pca)
+
+    similarity = _map_parser(commands, "similarity", "cosine similarity of every voxel's feature to one point's",
+                             "similarity volume (float32 in [-1, 1])")
+    point = similarity.add_mutually_exclusive_group(required=True)
+    point.add_argument("--point-ras", type=parse_point, metavar="R,A,S",
+                       help="the point in RAS mm (Slicer's coordinates), e.g. -24,4,2")
+    point.add_argument("--point-lps", type=parse_point, metavar="L,P,S",
+                       help="the point in LPS mm (DICOM/ITK coordinates), e.g. 24,-4,2")
+    similarity.add_argument("--target", default=None,
+                            help="map the similarity over this other volume instead (find the structure there)")
+    similarity.set_defaults(run=run_similarity)
+
+    attention = _map_parser(commands, "attention", "last-block CLS-to-patch attention (mean over heads)",
+                            "mean attention volume (float32)")
+    attention.add_argument("--heads-out", type=output_path, default=None,
+                           help="also write one attention channel per head as a vector volume")
+    attention.set_defaults(run=run_attention)
+
+    cluster = _map_parser(commands, "cluster", "k-means regions of the patch features (unsupervised parcellation)",
+                          "label volume (uint8, 0 = background)")
+    cluster.add_argument("-k", "--clusters", type=int_between(1, 255), default=8, help="number of regions (default 8)")
+    cluster.add_argument("--seed", type=int, default=0, help="k-means seed (default 0)")
+    cluster.set_defaults(run=run_cluster)
