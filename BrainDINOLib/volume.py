@@ -12,10 +12,12 @@ Physical points are LPS millimetres (ITK's world); Slicer's RAS is `(-x, -y, z)`
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import logging
 import struct
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -124,15 +126,24 @@ class Volume:
 
 
 def _itk_reason(error: Exception) -> str:
-    """The most telling line of an ITK exception (they span many lines with C++ file names)."""
+    """The telling part of an ITK exception (they span lines and quote C++ source locations)."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     for line in lines:
-        if line.lower().startswith("description:"):
-            return line.split(":", 1)[1].strip()
-    for line in reversed(lines):
-        if not line.startswith(("/", "sitk::ERROR", "itk::ERROR")) or len(lines) == 1:
-            return line
+        for marker in ("Description:", "sitk::ERROR:", "itk::ERROR:"):
+            if marker in line:
+                return line.split(marker, 1)[1].strip()
     return lines[-1] if lines else "unreadable"
+
+
+@contextlib.contextmanager
+def _quiet_itk() -> Iterator[None]:
+    """Silence ITK's own warnings on stderr while reading: problems reach the user as one BrainDINOError."""
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
 
 
 def _read_dicom_series(folder: Path) -> sitk.Image:
@@ -231,7 +242,8 @@ def read_volume(path: str | Path, frame: int = 0) -> Volume:
     non-finite or constant inputs. For a 4-D series, volume `frame` is used (and logged).
     """
     path = Path(path)
-    image = _to_3d(_read_image(path), path, frame)
+    with _quiet_itk():
+        image = _to_3d(_read_image(path), path, frame)
     volume = Volume.from_image(sitk.Cast(image, sitk.sitkFloat32), source=str(path))
     array = volume.array
     finite = np.isfinite(array)

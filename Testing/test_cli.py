@@ -26,6 +26,15 @@ def test_bad_input_exits_2_with_one_line_and_no_traceback(args, problem):
     assert "Traceback" not in result.stderr
 
 
+def test_itk_warnings_do_not_leak_to_stderr(tmp_path):
+    folder = tmp_path / "not_dicom"
+    folder.mkdir()
+    (folder / "IM0001.dcm").write_bytes(b"DICM" * 100)
+    result = run("embed", str(folder), "--no-cache")
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"braindino: error: {folder}: no DICOM series found in this folder"
+
+
 def test_bad_checkpoint_through_the_cli(tmp_path):
     bad = tmp_path / "weights.pth"
     torch.save({"weight": torch.zeros(2)}, bad)
