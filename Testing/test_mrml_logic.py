@@ -1,0 +1,235 @@
+"""The Slicer module's Logic (BrainDINO/BrainDINO.py) end to end on the real engine and real MRML nodes
+(slicer-core), without the Slicer application: features, PCA, similarity, clusters, attention, few-shot
+segmentation, a saved head, predictions table, and cancelling on the torch worker thread.
+
+The slicer-core wheel has MRML but not Slicer's Qt layer, so the three GUI-framework imports of
+BrainDINO.py (`qt`, `slicer.ScriptedLoadableModule`, `slicer.parameterNodeWrapper`) are given minimal
+stand-ins before importing it. Only the Logic and the worker are exercised; everything they call is real.
+"""
+from __future__ import annotations
+
+import importlib.util
+import sys
+import threading
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+slicer = pytest.importorskip("slicer")
+
+from BrainDINOLib import CancelledError, Volume, mrml  # noqa: E402
+
+from conftest import REPO, SAMPLE_T1  # noqa: E402
+
+AAL = REPO / "BrainDINOLib" / "data" / "colin27_aal.nii.gz"
+
+
+def import_module_file():
+    """Import BrainDINO/BrainDINO.py with stand-ins for the Qt-side Slicer framework it declares."""
+    qt = types.ModuleType("qt")
+    framework = types.ModuleType("slicer.ScriptedLoadableModule")
+
+    class ScriptedLoadableModuleLogic:  # the real base only adds parameter-node helpers
+        def __init__(self, parent=None):
+            pass
+
+    framework.ScriptedLoadableModuleLogic = ScriptedLoadableModuleLogic
+    for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleWidget", "ScriptedLoadableModuleTest"):
+        setattr(framework, name, type(name, (), {}))
+    wrapper = types.ModuleType("slicer.parameterNodeWrapper")
+    wrapper.parameterNodeWrapper = lambda cls: cls
+    wrapper.Choice = wrapper.WithinRange = lambda *args, **kwargs: "annotation"
+    saved = {name: sys.modules.get(name) for name in ("qt", framework.__name__, wrapper.__name__)}
+    sys.modules.update({"qt": qt, framework.__name__: framework, wrapper.__name__: wrapper})
+    try:
+        spec = importlib.util.spec_from_file_location("BrainDINO", REPO / "BrainDINO" / "BrainDINO.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses resolve their annotations through it
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        for name, previous in saved.items():
+            if previous is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = previous
+
+
+def read_coarse(path: Path, interpolator=sitk.sitkLinear, pixel=sitk.sitkFloat32, mm: float = 3.0) -> Volume:
+    """The bundled 1 mm Colin27 (or its atlas) on a coarse grid: the whole flow in seconds."""
+    image = sitk.ReadImage(str(path))
+    size = [int(round(s / mm)) for s in image.GetSize()]
+    resampled = sitk.Resample(image, size, sitk.Transform(), interpolator, image.GetOrigin(), (mm, mm, mm),
+                              image.GetDirection(), 0, pixel)
+    return Volume.from_image(resampled, source=path.name)
+
+
+@pytest.fixture(scope="module")
+def module():
+    return import_module_file()
+
+
+@pytest.fixture(scope="module")
+def scene():
+    scene = slicer.vtkMRMLScene()
+    slicer.mrmlScene = scene
+    colors = slicer.vtkSlicerColorLogic()
+    colors.SetMRMLScene(scene)
+    segmentations = slicer.vtkSlicerSegmentationsModuleLogic()
+    segmentations.SetMRMLScene(scene)
+    scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
+    yield scene
+    segmentations.SetMRMLScene(None)
+    colors.SetMRMLScene(None)
+
+
+@pytest.fixture(scope="module")
+def logic(module, teacher_checkpoint, tmp_path_factory):
+    import os
+    os.environ["BRAINDINO_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    logic = module.BrainDINOLogic()
+    logic.loadModel(str(teacher_checkpoint), "cpu")
+    yield logic
+    logic.worker.shutdown()
+    os.environ.pop("BRAINDINO_CACHE")
+
+
+@pytest.fixture(scope="module")
+def t1_node(scene):
+    return mrml.volume_to_node(read_coarse(SAMPLE_T1), scene, "colin27 3mm")
+
+
+@pytest.fixture(scope="module")
+def features(logic, t1_node):
+    volume = logic.volumeFromNode(t1_node)
+    progress = []
+    features = logic.computeFeatures(volume, logic.segmentationLayers(), progress=lambda d, t: progress.append((d, t)))
+    assert progress and progress[-1][0] == progress[-1][1] == features.num_slices
+    return features
+
+
+def test_model_description_names_the_architecture(module, logic):
+    assert module.segmentation_layers(12) == (2, 5, 8, 11)
+    assert module.segmentation_layers(3) == (0, 1, 2)
+    text = logic.describeModel()
+    assert "256" in text and logic.encoder.model_id in text and "cpu" in text
+
+
+def test_features_are_reused_in_memory(logic, t1_node, features):
+    again = logic.computeFeatures(logic.volumeFromNode(t1_node), logic.segmentationLayers())
+    assert again is features
+    assert sorted(features.layers) == list(logic.segmentationLayers())
+
+
+def test_pca_clusters_and_attention_land_on_the_input_grid(logic, t1_node, features):
+    pca = logic.showPCA(logic.pcaMap(features), t1_node, opacity=0.4)
+    assert pca.GetImageData().GetDimensions() == t1_node.GetImageData().GetDimensions()
+    assert pca.GetImageData().GetNumberOfScalarComponents() == 3
+    rgb = mrml.node_array(pca)
+    assert rgb.dtype == np.uint8 and rgb[mrml.node_array(t1_node) > 50].mean() > 20  # coloured inside the head
+    clusters = logic.showClusters(logic.clusterMap(features, 4), t1_node)
+    assert set(np.unique(mrml.node_array(clusters))) <= set(range(5)) and mrml.node_array(clusters).max() > 0
+    attention = logic.showAttention(logic.attentionMap(logic.volumeFromNode(t1_node)), t1_node)
+    values = mrml.node_array(attention)
+    assert values.shape == mrml.node_array(t1_node).shape and values.max() > 0
+
+
+def test_similarity_peaks_at_the_clicked_point(scene, logic, t1_node, features):
+    ijk = (30, 40, 33)  # node IJK (i, j, k): inside the brain
+    matrix = slicer.vtkMatrix4x4() if hasattr(slicer, "vtkMatrix4x4") else __import__("vtk").vtkMatrix4x4()
+    t1_node.GetIJKToRASMatrix(matrix)
+    ras = matrix.MultiplyPoint((*ijk, 1.0))[:3]
+    point = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "probe")
+    point.AddControlPoint(ras)
+    similarity = logic.similarityMap(features, logic.pointLps(point, t1_node))
+    node = logic.showSimilarity(similarity, t1_node)
+    values = mrml.node_array(node)
+    assert values[ijk[2], ijk[1], ijk[0]] == pytest.approx(1.0)
+    assert values.max() == pytest.approx(1.0) and values.min() >= -1.0
+    assert node.GetDisplayNode().GetColorNodeID() == mrml.HEAT_COLORS
+    # Moving the point reuses the similarity index.
+    index = logic._similarity[1]
+    logic.similarityMap(features, logic.pointLps(point, t1_node) + 4.0)
+    assert logic._similarity[1] is index
+
+
+def test_few_shot_segmentation_from_painted_slices(scene, logic, t1_node, features, tmp_path):
+    heads = pytest.importorskip("BrainDINOLib.heads")
+    atlas = read_coarse(AAL, sitk.sitkNearestNeighbor, sitk.sitkUInt8).array
+    truth = np.isin(atlas, (3, 4)).astype(np.int16) + 2 * np.isin(atlas, (1, 2))  # superior frontal, precentral
+    slices = [k for k in features.slices.slice_indices if (truth[k] > 0).sum() > 40]
+    examples = [slices[len(slices) // 4], slices[len(slices) // 2], slices[3 * len(slices) // 4]]
+    painted = np.zeros_like(truth)
+    painted[examples] = truth[examples]
+    volume = logic.volumeFromNode(t1_node)
+    classes = [mrml.LabelClass(1, "superior frontal", (200, 120, 60)), mrml.LabelClass(2, "precentral", (60, 160, 220))]
+    examples_node = mrml.segmentation_from_labels(volume.with_array(painted), t1_node, classes, name="examples")
+
+    few_shot = logic.paintedLabels(examples_node, t1_node)
+    assert few_shot.slice_indices == tuple(examples)
+    result = logic.fitFewShot(volume, few_shot)
+    output = logic.showSegmentation(result.labels, t1_node, few_shot.classes)
+    assert [c.name for c in mrml.segment_classes(output)] == ["superior frontal", "precentral"]
+    assert [c.colour for c in mrml.segment_classes(output)] == [c.colour for c in classes]
+    labels, _ = mrml.labels_from_segmentation(output, t1_node)
+    np.testing.assert_array_equal(labels.array, result.labels.array)
+    # The fixture is a tiny random-weight model, so accuracy is not the point here (the self-test in Slicer
+    # measures it with the demo model): both classes are predicted beyond the painted slices.
+    unseen = [k for k in features.slices.slice_indices if k not in examples]
+    assert all((labels.array[unseen] == value).sum() > 0 for value in (1, 2))
+
+    # The fitted head, saved and applied through the "saved head" path, segments the same.
+    path = heads.save_head(result.head, tmp_path / "few_shot_head.safetensors")
+    head = logic.loadHead(path)
+    np.testing.assert_array_equal(logic.segmentWithHead(head, volume).array, result.labels.array)
+
+
+def test_prediction_rows_go_into_one_table(scene, logic):
+    table = logic.showPrediction({"class": "T1", "probabilities": {"T1": 0.9, "T2": 0.1}}, "sequence", "case A")
+    table = logic.showPrediction({"value": 71.5}, "age", "case A", table)
+    table = logic.showPrediction({"class": "T2", "probabilities": {"T1": 0.3, "T2": 0.7}}, "sequence", "case A",
+                                 table)
+    rows = mrml.rows_from_table(table)
+    assert [(r["subject"], r["head"]) for r in rows] == [("case A", "age"), ("case A", "sequence")]
+    assert rows[1]["class"] == "T2" and rows[1]["probabilities.T2"] == pytest.approx(0.7)
+    assert rows[0]["value"] == pytest.approx(71.5)
+
+
+def test_worker_runs_jobs_off_the_main_thread_and_cancels(module, logic, t1_node):
+    volume = logic.volumeFromNode(t1_node)
+    worker = logic.worker
+    outcome: dict = {}
+    threads = []
+
+    def work(progress, cancel):
+        threads.append(threading.current_thread())
+        progress(1, 2)
+        return 42
+
+    worker.submit(module.Job("answer", work, lambda r: outcome.update(result=r)))
+    worker.wait()
+    assert outcome == {"result": 42} and threads[0] is not threading.main_thread()
+
+    started = threading.Event()
+
+    def slow(progress, cancel):
+        started.set()
+        while not cancel():
+            threading.Event().wait(0.01)
+        return module.BrainDINOLogic.engine().embed_volume(volume, logic.encoder, cancel=cancel)
+
+    worker.submit(module.Job("embedding", slow, lambda r: outcome.update(late=r), lambda e: outcome.update(error=e)))
+    assert started.wait(30)
+    worker.cancel()
+    worker.wait()
+    assert isinstance(outcome["error"], CancelledError) and "late" not in outcome
+    assert not worker.busy
+
+
+def test_training_command_runs_the_cli_with_slicers_python(module):
+    command = module.BrainDINOLogic.trainingCommand("fit-head", "--task segmentation --manifest 'my cases.csv'")
+    assert command[1:] == ["-m", "BrainDINOLib.cli", "fit-head", "--task", "segmentation", "--manifest",
+                           "my cases.csv"]
