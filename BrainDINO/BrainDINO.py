@@ -352,7 +352,8 @@ class BrainDINOLogic(ScriptedLoadableModuleLogic):
     def showSimilarity(self, similarity, referenceNode, node=None, opacity: float = 0.5):
         mrml = self.engine().mrml
         return mrml.show_scalar_map(similarity, referenceNode, name=f"{referenceNode.GetName()} similarity",
-                                    node=node, colors=mrml.HEAT_COLORS, value_range=(0.0, 1.0), opacity=opacity)
+                                    node=node, colors=mrml.HEAT_COLORS, value_range=(0.0, 1.0), opacity=opacity,
+                                    transparent_below=0.0)
 
     def showAttention(self, attention, referenceNode, node=None, opacity: float = 0.5):
         mrml = self.engine().mrml

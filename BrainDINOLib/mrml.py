@@ -209,14 +209,20 @@ def show_rgb_map(rgb: Volume, reference, name: str = "BrainDINO PCA", node=None,
         raise ValueError(f"an RGB map has shape [Z, Y, X, 3], not {rgb.array.shape}")
     rgb = rgb.with_array(np.asarray(rgb.array, dtype=np.uint8))
     node = volume_to_node(rgb, name=name, class_name="vtkMRMLVectorVolumeNode", node=node, reference=reference)
+    display = node.GetDisplayNode()  # window 255 at level 127.5 maps 0..255 to itself: the colours as computed
+    display.AutoWindowLevelOff()
+    display.SetWindowLevel(255.0, 127.5)
     show_in_slice_views(reference.GetScene(), background=reference, foreground=node, foreground_opacity=opacity)
     return node
 
 
 def show_scalar_map(values: Volume, reference, name: str = "BrainDINO map", node=None,
                     colors: str = HEAT_COLORS, value_range: tuple[float, float] | None = None,
-                    opacity: float = 0.5):
-    """A float map as a scalar volume with a colour table and a fixed display range, shown in the foreground."""
+                    opacity: float = 0.5, transparent_below: float | None = None):
+    """A float map as a scalar volume with a colour table and a fixed display range, shown in the foreground.
+
+    Voxels below `transparent_below` (if given) are not drawn, so the background shows through.
+    """
     node = volume_to_node(values.with_array(np.asarray(values.array, dtype=np.float32)), name=name, node=node,
                           reference=reference)
     display = node.GetDisplayNode()
@@ -228,6 +234,9 @@ def show_scalar_map(values: Volume, reference, name: str = "BrainDINO map", node
     low, high = value_range if value_range is not None else (float(values.array.min()), float(values.array.max()))
     display.AutoWindowLevelOff()
     display.SetWindowLevelMinMax(low, high)
+    if transparent_below is not None:
+        display.SetApplyThreshold(True)
+        display.SetThreshold(float(transparent_below), max(high, float(values.array.max())))
     show_in_slice_views(scene, background=reference, foreground=node, foreground_opacity=opacity)
     return node
 

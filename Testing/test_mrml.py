@@ -9,6 +9,7 @@ from scipy.spatial.transform import Rotation
 
 slicer = pytest.importorskip("slicer")
 vtk = pytest.importorskip("vtk")
+import vtk.util.numpy_support  # noqa: E402
 
 from BrainDINOLib import BrainDINOError, read_volume  # noqa: E402
 from BrainDINOLib import mrml  # noqa: E402
@@ -143,6 +144,14 @@ def test_rgb_map_becomes_a_vector_node_in_the_foreground(scene, oblique_file):
     assert image.GetNumberOfScalarComponents() == 3 and image.GetScalarTypeAsString() == "unsigned char"
     np.testing.assert_allclose(ijk_to_ras(node), ijk_to_ras(reference), atol=1e-9)
     np.testing.assert_array_equal(mrml.volume_from_node(node, dtype=None).array, rgb)
+    # What the slice views draw: the display pipeline's RGBA output carries the colours unchanged.
+    display = node.GetDisplayNode()
+    display.SetInputImageDataConnection(node.GetImageDataConnection())
+    display.UpdateImageDataPipeline()
+    producer = display.GetOutputImageDataConnection().GetProducer()
+    producer.Update()
+    shown = vtk.util.numpy_support.vtk_to_numpy(producer.GetOutputDataObject(0).GetPointData().GetScalars())
+    np.testing.assert_array_equal(shown[:, :3], mrml.node_array(node).reshape(-1, 3))
     for composite in mrml._nodes_of_class(scene, "vtkMRMLSliceCompositeNode"):
         assert composite.GetForegroundVolumeID() == node.GetID()
         assert composite.GetBackgroundVolumeID() == reference.GetID()
@@ -158,8 +167,9 @@ def test_rgb_map_becomes_a_vector_node_in_the_foreground(scene, oblique_file):
 def test_scalar_map_has_a_colour_table_and_fixed_range(scene, sample):
     reference = mrml.volume_to_node(sample, scene, "t1")
     similarity = sample.with_array(np.linspace(-1, 1, sample.array.size, dtype=np.float32).reshape(sample.shape))
-    node = mrml.show_scalar_map(similarity, reference, "similarity", value_range=(0.0, 1.0))
+    node = mrml.show_scalar_map(similarity, reference, "similarity", value_range=(0.0, 1.0), transparent_below=0.0)
     display = node.GetDisplayNode()
+    assert display.GetApplyThreshold() and display.GetLowerThreshold() == 0.0 and display.GetUpperThreshold() == 1.0
     assert display.GetColorNodeID() == mrml.HEAT_COLORS
     assert not display.GetAutoWindowLevel()
     assert display.GetWindow() == pytest.approx(1.0) and display.GetLevel() == pytest.approx(0.5)
