@@ -30,7 +30,7 @@ def cluster_map(features: VolumeFeatures, k: int = 8, seed: int = 0, sample: int
     if len(rows) < k:
         raise BrainDINOError(features.source or "features", f"only {len(rows)} foreground patches; too few for "
                                                             f"{k} clusters")
-    kmeans = KMeans(n_clusters=k, n_init=3, random_state=seed).fit(tokens[subsample(rows, sample, seed)])
+    kmeans = KMeans(n_clusters=k, n_init=1, random_state=seed).fit(tokens[subsample(rows, sample, seed)])
     assigned = kmeans.predict(tokens)
     sizes = np.bincount(assigned[rows], minlength=k)
     label_of_cluster = np.empty(k, dtype=np.uint8)
