@@ -6,11 +6,10 @@ from the widget, the self-test or the Python console. Torch work runs on one per
 (`TorchWorker`) with a cooperative cancel flag; the widget polls it with a QTimer and applies results to
 the scene on the main thread. Training runs in a child process.
 """
-from __future__ import annotations
-
 import contextlib
 import importlib.metadata
 import importlib.util
+import inspect
 import logging
 import os
 import queue
@@ -35,10 +34,12 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
 
+# No `from __future__ import annotations`: parameterNodeWrapper reads the annotations as real types.
 MODULE_DIR = Path(__file__).resolve().parent
 REQUIREMENTS = MODULE_DIR / "Resources" / "requirements.txt"
 SAMPLE_NAME = "BrainDINOColin27T1"
 TORCH_REQUIREMENT = ">=2.1"
+FEATURES_KEPT = 2  # volumes whose features stay in memory (the disk cache keeps all)
 
 
 def ensure_engine_on_path() -> Path:
@@ -238,7 +239,7 @@ class BrainDINOLogic(ScriptedLoadableModuleLogic):
         ScriptedLoadableModuleLogic.__init__(self)
         self.worker = TorchWorker()
         self.encoder = None
-        self._features: dict[str, Any] = {}  # feature-cache key -> VolumeFeatures (this session)
+        self._features: dict[str, Any] = {}  # volume + model key -> VolumeFeatures, most recent last
         self._similarity: tuple[int, Any] | None = None  # (id of the features, SimilarityIndex)
         self.trainingProcess = None
 
@@ -306,20 +307,24 @@ class BrainDINOLogic(ScriptedLoadableModuleLogic):
         return self.engine().mrml.volume_from_node(volumeNode)
 
     def computeFeatures(self, volume, layers: tuple[int, ...] = (), progress=None, cancel=None):
-        """Features of `volume` under the loaded model, from memory, the disk cache, or computed (any thread)."""
+        """Features of `volume` under the loaded model holding at least the intermediate `layers`: from memory,
+        from the disk cache (`$BRAINDINO_CACHE`), or computed (any thread)."""
         engine = self.engine()
         from BrainDINOLib.cache import feature_key
         from BrainDINOLib.embedding import default_preprocessing
 
         encoder = self.requireModel()
-        layers = tuple(sorted(set(layers)))
-        key = feature_key(volume, encoder.model_id, default_preprocessing(encoder), layers)
-        if key not in self._features:
-            self._features[key] = engine.embed_volume(volume, encoder, layers=layers, progress=progress,
-                                                      cancel=cancel, cache=engine.FeatureCache())
+        key = feature_key(volume, encoder.model_id, default_preprocessing(encoder), ())
+        held = self._features.pop(key, None)
+        if held is None or not set(layers) <= set(held.layers):
+            held = engine.embed_volume(volume, encoder, layers=tuple(sorted(set(layers))), progress=progress,
+                                       cancel=cancel, cache=engine.FeatureCache())
         elif progress:
-            progress(1, 1)
-        return self._features[key]
+            progress(held.num_slices, held.num_slices)
+        self._features[key] = held
+        while len(self._features) > FEATURES_KEPT:
+            self._features.pop(next(iter(self._features)))
+        return held
 
     def segmentationLayers(self) -> tuple[int, ...]:
         return segmentation_layers(self.requireModel().architecture.depth)
@@ -436,13 +441,25 @@ class BrainDINOLogic(ScriptedLoadableModuleLogic):
             self.trainingProcess = None
             onFinished(code)
 
+        if "blocking" not in inspect.signature(slicer.util.launchConsoleProcess).parameters:
+            raise self.engine().BrainDINOError("Slicer", "this Slicer cannot stream a child process's output; "
+                                                         "use a newer Slicer, or run the command in a terminal")
         self.trainingProcess = slicer.util.launchConsoleProcess(
             command, updateEnvironment=environment, blocking=False, logCallback=onLine, completedCallback=finished)
         return self.trainingProcess
 
     def stopTraining(self) -> None:
-        if self.trainingProcess is not None and self.trainingProcess.poll() is None:
-            self.trainingProcess.kill()
+        """Kill the training process and everything it started (torchrun workers, data loaders)."""
+        if self.trainingProcess is None or self.trainingProcess.poll() is not None:
+            return
+        import psutil
+        try:
+            process = psutil.Process(self.trainingProcess.pid)
+            for child in process.children(recursive=True):
+                child.kill()
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 def _flatten(prediction: dict, prefix: str = "") -> dict:
@@ -654,18 +671,20 @@ class BrainDINOWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         node = self._parameterNode.inputVolume
         return node, self.logic.volumeFromNode(node)
 
-    def withFeatures(self, label: str, then, layers: tuple[int, ...] = ()) -> None:
+    def withFeatures(self, label: str, then, segmentationLayers: bool = False) -> None:
         """Compute (or fetch) features on the worker, then call `then(node, volume, features)` here."""
         with slicer.util.tryWithErrorDisplay(f"{label} failed.", waitCursor=True):
             if not self.requireReady():
                 return
+            layers = self.logic.segmentationLayers() if segmentationLayers else ()
             node, volume = self.inputVolume()
             self.run("Computing features",
                      lambda progress, cancel: self.logic.computeFeatures(volume, layers, progress, cancel),
                      lambda features: then(node, volume, features))
 
     def onComputeFeatures(self) -> None:
-        self.withFeatures("Computing features", lambda node, volume, features: None)
+        """Embed with the blocks segmentation needs too, so every panel afterwards reuses these features."""
+        self.withFeatures("Computing features", lambda node, volume, features: None, segmentationLayers=True)
 
     # ---- explore -----------------------------------------------------------------------------------------
 

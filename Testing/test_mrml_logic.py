@@ -119,9 +119,12 @@ def test_model_description_names_the_architecture(module, logic):
 
 
 def test_features_are_reused_in_memory(logic, t1_node, features):
-    again = logic.computeFeatures(logic.volumeFromNode(t1_node), logic.segmentationLayers())
-    assert again is features
+    volume = logic.volumeFromNode(t1_node)
+    assert logic.computeFeatures(volume, logic.segmentationLayers()) is features
+    assert logic.computeFeatures(volume) is features  # features with more blocks serve requests for fewer
     assert sorted(features.layers) == list(logic.segmentationLayers())
+    other = volume.with_array(volume.array[::-1].copy())
+    assert logic.computeFeatures(other) is not features
 
 
 def test_pca_clusters_and_attention_land_on_the_input_grid(logic, t1_node, features):
