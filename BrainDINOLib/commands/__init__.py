@@ -1,4 +1,4 @@
 """The `braindino` subcommands, one module per capability; each module has `register(subparsers)`."""
-from . import engine, maps, training
+from . import engine, heads, maps, training
 
-COMMAND_MODULES = [engine, training, maps]
+COMMAND_MODULES = [engine, training, maps, heads]

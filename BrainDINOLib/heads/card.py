@@ -53,6 +53,20 @@ def make_classes(values: list[int], names: list[str] | None = None) -> list[Clas
     return out
 
 
+def names_for_values(values: list[int], names: list[str] | None) -> list[str] | None:
+    """Names of the label `values`: `names[v]` when the list covers the largest value (names by value,
+    background first), else one name per value in order."""
+    if names is None:
+        return None
+    names = list(names)
+    if len(names) > max(values):
+        return [names[v] for v in values]
+    if len(names) == len(values):
+        return names
+    raise BrainDINOError("class names", f"{len(names)} names for label values {values}: give one name per "
+                                        f"label value 0..{max(values)} or one per class present")
+
+
 @dataclass
 class HeadCard:
     """The JSON description saved with every head.

@@ -16,7 +16,7 @@ import torch
 from ..errors import BrainDINOError
 from ..features import VolumeFeatures
 from ..volume import Volume
-from .card import HeadCard, make_classes
+from .card import HeadCard, make_classes, names_for_values
 from .head import Head
 from .segmentation import (make_segmentation_module, patch_inputs, segment, slice_positions, soft_cross_entropy,
                            soft_targets)
@@ -33,19 +33,6 @@ class FewShotResult:
     head: Head
     class_names: list[str]
     history: History
-
-
-def _class_names(values: list[int], names: Sequence[str] | None) -> list[str] | None:
-    """`names[v]` names label value v when the list covers the largest value; else one name per present class."""
-    if names is None:
-        return None
-    names = list(names)
-    if len(names) > max(values):
-        return [names[v] for v in values]
-    if len(names) == len(values):
-        return names
-    raise BrainDINOError("class_names", f"{len(names)} names for label values {values}: give one name per label "
-                                        f"value 0..{max(values)} or one per class present")
 
 
 def few_shot_segment(features: VolumeFeatures, labels: np.ndarray, slice_indices: Sequence[int],
@@ -83,7 +70,7 @@ def few_shot_segment(features: VolumeFeatures, labels: np.ndarray, slice_indices
     history = train_module(module, batch_loss, len(slice_indices), config, progress=progress, cancel=cancel)
     log.info("few-shot head on %d slices of %s: loss %.3f", len(slice_indices), source, history.train_loss[-1])
     card = HeadCard(task="segmentation", kind=kind, encoder_id=features.model_id,
-                    classes=make_classes(values, _class_names(values, class_names)), layers=layers,
+                    classes=make_classes(values, names_for_values(values, class_names)), layers=layers,
                     preprocessing=features.preprocessing.to_dict(), module=arguments,
                     extra={"fitted_on": source, "labelled_slices": slice_indices, "training": config.to_dict()},
                     description=f"few-shot segmentation from {len(slice_indices)} labelled slices")

@@ -1,0 +1,123 @@
+"""Evaluating a saved head on a manifest's cases, and the report folder it writes.
+
+The report holds `metrics.json` + `metrics.csv`, `predictions.csv` (one row per case) and the PNG plots
+that fit the task: learning curves (when fitting), ROC and confusion matrix (classification, kNN),
+predicted vs true (regression), Kaplan-Meier curves of the median risk groups (survival).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..cache import FeatureCache
+from ..encoder import Encoder
+from ..features import VolumeFeatures
+from . import plots
+from .fitting import (FeatureSource, FitConfig, Manifest, SubjectData, read_labels, subject_bags, subject_metrics,
+                      subject_targets)
+from .head import Head
+from .metrics import segmentation_metrics, write_metrics, write_predictions
+from .segmentation import segment
+from .survival import risk_groups
+from .training import History
+
+
+@dataclass
+class Evaluation:
+    metrics: dict
+    predictions: list[dict]
+    arrays: dict = field(default_factory=dict)  # what the plots need: truth, outputs, ...
+
+
+def segmentation_case_metrics(head: Head, features: VolumeFeatures, labels: np.ndarray) -> dict:
+    """Dice and HD95 of `head` on one case (label values outside the head's classes count as missed)."""
+    predicted = segment(head, features).array
+    spacing = tuple(reversed(features.geometry.spacing))  # (k, j, i) order like the array
+    return segmentation_metrics(predicted, labels, [c.value for c in head.card.classes], head.card.class_names,
+                                spacing)
+
+
+def evaluate(head: Head, manifest: Manifest, encoder: Encoder, cache: FeatureCache | None = None,
+             split: str | None = "test", columns: FitConfig | None = None, progress=None,
+             cancel=None) -> Evaluation:
+    """Metrics of `head` on the manifest rows of `split` (`test`; all rows when there is no split column).
+    Column names come from `columns` (a `FitConfig`; the defaults otherwise)."""
+    rows = manifest.select(split)
+    if not rows:
+        rows = manifest.select(None)
+    source = FeatureSource.for_head(head, encoder, cache, progress=progress, cancel=cancel)
+    card = head.card
+    config = replace(columns, task=card.task) if columns else FitConfig(task=card.task)
+    if card.task == "segmentation":
+        column = manifest.image_columns(config.image_columns)[0]
+        per_case, predictions = [], []
+        for row in rows:
+            features = source(manifest.resolve(manifest.rows[row][column]))
+            labels = read_labels(manifest, row, config.label_column, features.slices.volume_shape)
+            result = segmentation_case_metrics(head, features, labels)
+            per_case.append(result)
+            predictions.append({"case": manifest.case_id(row), "mean_dice": result["mean_dice"],
+                                "mean_hd95_mm": result["mean_hd95_mm"],
+                                **{f"dice[{name}]": m["dice"] for name, m in result["per_class"].items()}})
+        names = card.class_names[1:] if card.classes and card.classes[0].value == 0 else card.class_names
+        metrics = {"task": "segmentation", "cases": len(rows),
+                   "mean_dice": float(np.nanmean([m["mean_dice"] for m in per_case])),
+                   "mean_hd95_mm": float(np.nanmean([m["mean_hd95_mm"] for m in per_case])),
+                   "dice_per_class": {n: float(np.nanmean([m["per_class"][n]["dice"] for m in per_case
+                                                           if n in m["per_class"]] or [np.nan])) for n in names}}
+        return Evaluation(metrics, predictions)
+    y, event, _ = subject_targets(manifest, rows, config, card.class_names or None)
+    images = list(config.image_columns or card.modalities) or manifest.image_columns()
+    data = SubjectData(subject_bags(manifest, rows, images, source), y, event)
+    metrics, outputs = subject_metrics(head, data)
+    metrics = {"task": card.task, "subjects": len(rows), **metrics}
+    predictions = []
+    arrays = {"truth": y, "outputs": outputs, "event": event}
+    for n, row in enumerate(rows):
+        entry = {"case": manifest.case_id(row)}
+        if card.task in ("classification", "knn"):
+            probabilities = torch.softmax(torch.as_tensor(outputs[n]), 0).numpy() if card.task == "classification" \
+                else outputs[n]
+            entry.update(truth=card.class_names[y[n]], predicted=card.class_names[int(np.argmax(probabilities))],
+                         **{f"p[{c}]": float(p) for c, p in zip(card.class_names, probabilities)})
+            arrays.setdefault("probabilities", []).append(probabilities)
+        elif card.task == "regression":
+            entry.update(truth=float(y[n]), predicted=float(outputs[n, 0] * card.extra["target_std"]
+                                                           + card.extra["target_mean"]))
+        else:
+            entry.update(time=float(y[n]), event=int(event[n]), risk=float(outputs[n, 0]),
+                         risk_group="high" if outputs[n, 0] > card.extra["median_risk"] else "low")
+        predictions.append(entry)
+    if card.task == "survival":
+        groups = risk_groups(y, event, outputs[:, 0], card.extra["median_risk"])
+        metrics.update(logrank_p=groups.logrank_p, logrank_statistic=groups.logrank_statistic,
+                       high_risk_subjects=int(groups.high.sum()))
+        arrays["groups"] = groups
+    return Evaluation(metrics, predictions, arrays)
+
+
+def write_report(folder: str | Path, evaluation: Evaluation, head: Head, history: History | None = None,
+                 stem: str = "metrics") -> list[Path]:
+    """Write metrics (JSON + CSV), predictions (CSV) and the task's plots (PNG) into `folder`."""
+    folder = Path(folder)
+    written = list(write_metrics(evaluation.metrics, folder, stem))
+    if evaluation.predictions:
+        written.append(write_predictions(evaluation.predictions, folder / f"{stem.replace('metrics', 'predictions')}.csv"))
+    if history is not None and history.train_loss:
+        written.append(plots.learning_curves(history.train_loss, history.val_loss, history.best_epoch,
+                                             folder / "learning_curves.png"))
+    arrays, task = evaluation.arrays, head.card.task
+    if task in ("classification", "knn") and "probabilities" in arrays:
+        probabilities = np.asarray(arrays["probabilities"])
+        written.append(plots.roc_curves(arrays["truth"], probabilities, head.card.class_names, folder / "roc.png"))
+        written.append(plots.confusion(evaluation.metrics["confusion_matrix"], head.card.class_names,
+                                       folder / "confusion_matrix.png"))
+    elif task == "regression" and "truth" in arrays:
+        predicted = arrays["outputs"][:, 0] * head.card.extra["target_std"] + head.card.extra["target_mean"]
+        written.append(plots.predicted_vs_true(arrays["truth"], predicted, folder / "predicted_vs_true.png"))
+    elif task == "survival" and "groups" in arrays:
+        written.append(plots.kaplan_meier(arrays["groups"], folder / "kaplan_meier.png"))
+    return written

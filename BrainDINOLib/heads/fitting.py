@@ -1,0 +1,469 @@
+"""Fitting heads on labelled cases listed in a CSV manifest.
+
+A manifest has one row per case (subject). Columns (names configurable): `image` (or several
+`image_<modality>` columns for multi-modal subjects), and per task `label` (a label volume for
+segmentation, a class name for classification and kNN), `target` (a number, regression), `time` and
+`event` (survival); optionally `split` (`train` / `test`: test rows are never used for fitting) and
+`case`. Relative paths are relative to the manifest's folder.
+
+Features come from `embed_volume` with the engine's cache, so refitting a head costs seconds. Fitting
+holds out a validation part (`val_fraction`, fixed seed) for early stopping and reporting, or runs
+k-fold cross-validation (`folds`) for the estimate and then fits the final head on all training rows. A
+`label_fraction` below 1 trains on that share of the labelled rows (stratified for classes).
+"""
+from __future__ import annotations
+
+import csv
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.model_selection import KFold, StratifiedKFold, train_test_split
+
+from ..cache import FeatureCache
+from ..embedding import default_preprocessing, embed_volume
+from ..encoder import Encoder
+from ..errors import BrainDINOError
+from ..features import VolumeFeatures
+from ..slices import PreprocessConfig
+from ..volume import read_volume
+from .card import HeadCard, make_classes, names_for_values
+from .head import Head
+from .knn import DEFAULT_K_SWEEP, KNNHead, subject_vector, sweep_k
+from .metrics import classification_metrics, regression_metrics
+from .segmentation import make_segmentation_module, patch_inputs, soft_cross_entropy, soft_targets
+from .subject import Bag, SubjectHead, slice_tokens, subject_outputs
+from .survival import c_index, cox_partial_likelihood_loss
+from .training import History, TrainConfig, train_module
+
+log = logging.getLogger(__name__)
+
+SUBJECT_TASKS = ("classification", "regression", "survival", "knn")
+
+
+# ---- manifests -----------------------------------------------------------------------------------------------
+
+@dataclass
+class Manifest:
+    path: Path
+    rows: list[dict[str, str]]
+
+    @classmethod
+    def read(cls, path: str | Path) -> Manifest:
+        path = Path(path)
+        if not path.is_file():
+            raise BrainDINOError(path, "no such manifest file")
+        with open(path, newline="", encoding="utf-8") as handle:
+            rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in csv.DictReader(handle)]
+        if not rows:
+            raise BrainDINOError(path, "manifest has no rows")
+        return cls(path, rows)
+
+    @property
+    def columns(self) -> list[str]:
+        return list(self.rows[0])
+
+    def require(self, *columns: str) -> None:
+        missing = [c for c in columns if c not in self.columns]
+        if missing:
+            raise BrainDINOError(self.path, f"missing column(s) {', '.join(missing)} (columns: "
+                                            f"{', '.join(self.columns)})")
+
+    def image_columns(self, explicit: Sequence[str] | None = None) -> list[str]:
+        """`explicit` if given, else `image`, else every `image_*` column in order."""
+        columns = list(explicit) if explicit else (["image"] if "image" in self.columns else
+                                                   [c for c in self.columns if c.startswith("image_")])
+        if not columns:
+            raise BrainDINOError(self.path, "no image column (name it `image`, or `image_<modality>` per modality)")
+        self.require(*columns)
+        return columns
+
+    def resolve(self, value: str) -> Path:
+        path = Path(value)
+        return path if path.is_absolute() else self.path.parent / path
+
+    def case_id(self, index: int) -> str:
+        return self.rows[index].get("case") or f"row{index + 1}"
+
+    def select(self, split: str | None) -> list[int]:
+        """Row indices: `split=None` -> all; `"train"` -> every row not marked test; else that split."""
+        if split is None or "split" not in self.columns:
+            return list(range(len(self.rows)))
+        if split == "train":
+            return [i for i, r in enumerate(self.rows) if r["split"].lower() != "test"]
+        return [i for i, r in enumerate(self.rows) if r["split"].lower() == split]
+
+
+# ---- configuration -------------------------------------------------------------------------------------------
+
+@dataclass
+class FitConfig:
+    task: str
+    kind: str = ""  # segmentation: "linear" (default) or "decoder"
+    pooling: str = "mean"  # subject heads: "mean" or "attention"
+    layers: tuple[int, ...] = ()  # segmentation: blocks to concatenate (empty: the final output)
+    image_size: int | None = None  # model input size (default: the encoder's)
+    image_columns: tuple[str, ...] = ()
+    label_column: str = "label"
+    target_column: str = "target"
+    time_column: str = "time"
+    event_column: str = "event"
+    class_names: list[str] | None = None  # segmentation: names by label value
+    val_fraction: float = 0.2
+    folds: int = 0
+    label_fraction: float = 1.0
+    seed: int = 0
+    k_values: tuple[int, ...] = DEFAULT_K_SWEEP
+    training: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class FitResult:
+    head: Head
+    history: History
+    metrics: dict  # validation (or cross-validation) metrics
+
+
+# ---- features ----------------------------------------------------------------------------------------------
+
+class FeatureSource:
+    """Features of manifest images under one encoder, preprocessing and block list (cached on disk)."""
+
+    def __init__(self, encoder: Encoder, config: PreprocessConfig, layers: Sequence[int] = (),
+                 cache: FeatureCache | None = None, progress: Callable[[int, int], None] | None = None,
+                 cancel: Callable[[], bool] | None = None):
+        self.encoder, self.config, self.layers, self.cache = encoder, config, tuple(layers), cache
+        self.progress, self.cancel = progress, cancel
+
+    @classmethod
+    def for_head(cls, head: Head, encoder: Encoder, cache: FeatureCache | None = None, **kwargs) -> FeatureSource:
+        """The features a saved head expects: its encoder (checked), preprocessing and blocks."""
+        head.card.check_encoder(encoder.model_id, encoder.checkpoint.path)
+        config = PreprocessConfig.from_dict(head.card.preprocessing) if head.card.preprocessing \
+            else default_preprocessing(encoder)
+        return cls(encoder, config, head.card.layers, cache, **kwargs)
+
+    def __call__(self, path: str | Path) -> VolumeFeatures:
+        return embed_volume(read_volume(path), self.encoder, self.config, layers=self.layers,
+                            cache=self.cache, cancel=self.cancel)
+
+
+def subject_bags(manifest: Manifest, rows: Sequence[int], columns: Sequence[str], source: FeatureSource) -> list[Bag]:
+    bags = []
+    for n, i in enumerate(rows):
+        bags.append([slice_tokens(source(manifest.resolve(manifest.rows[i][c]))) for c in columns])
+        if source.progress:
+            source.progress(n + 1, len(rows))
+    return bags
+
+
+# ---- splits ---------------------------------------------------------------------------------------------------
+
+def _stratify(labels: np.ndarray | None) -> np.ndarray | None:
+    """Stratify only when every class has at least two members."""
+    if labels is None:
+        return None
+    _, counts = np.unique(labels, return_counts=True)
+    return labels if counts.min() >= 2 else None
+
+
+def label_subset(count: int, fraction: float, seed: int, labels: np.ndarray | None = None) -> np.ndarray:
+    """Indices of `fraction` of `count` items (at least 2; stratified by `labels` where possible)."""
+    if not 0 < fraction <= 1:
+        raise BrainDINOError("label fraction", f"must be in (0, 1], got {fraction}")
+    if fraction == 1:
+        return np.arange(count)
+    keep = max(2, int(round(fraction * count)))
+    if labels is not None:
+        keep = max(keep, len(np.unique(labels)))
+    chosen, _ = train_test_split(np.arange(count), train_size=keep, random_state=seed, stratify=_stratify(labels))
+    return np.sort(chosen)
+
+
+def validation_split(count: int, fraction: float, seed: int, labels: np.ndarray | None = None):
+    """(train, validation) index arrays; no validation part when `fraction` is 0 or there are < 4 items."""
+    if fraction <= 0 or count < 4:
+        return np.arange(count), np.arange(0)
+    val = max(1, int(round(fraction * count)))
+    if labels is not None:
+        val = max(val, len(np.unique(labels)))
+    train, held = train_test_split(np.arange(count), test_size=val, random_state=seed, stratify=_stratify(labels))
+    return np.sort(train), np.sort(held)
+
+
+def folds_of(count: int, folds: int, seed: int, labels: np.ndarray | None = None):
+    splitter = StratifiedKFold(folds, shuffle=True, random_state=seed) if _stratify(labels) is not None and \
+        np.unique(labels, return_counts=True)[1].min() >= folds else KFold(folds, shuffle=True, random_state=seed)
+    return list(splitter.split(np.zeros(count), labels))
+
+
+# ---- subject heads -------------------------------------------------------------------------------------------
+
+@dataclass
+class SubjectData:
+    """Subjects ready for fitting: bags of slice tokens and the encoded targets."""
+
+    bags: list[Bag]
+    y: np.ndarray  # class index / target / time
+    event: np.ndarray | None = None
+
+    def take(self, index: np.ndarray) -> SubjectData:
+        return SubjectData([self.bags[i] for i in index], self.y[index],
+                           None if self.event is None else self.event[index])
+
+
+def subject_targets(manifest: Manifest, rows: Sequence[int], config: FitConfig,
+                    class_names: list[str] | None = None) -> tuple[np.ndarray, np.ndarray | None, list[str] | None]:
+    """Targets of `rows`: class indices (and the class names), numbers, or (time, event)."""
+    task = config.task
+    values = [manifest.rows[i] for i in rows]
+    try:
+        if task in ("classification", "knn"):
+            manifest.require(config.label_column)
+            labels = [v[config.label_column] for v in values]
+            class_names = class_names or sorted(set(labels))
+            unknown = sorted(set(labels) - set(class_names))
+            if unknown:
+                raise BrainDINOError(manifest.path, f"classes {unknown} are not among the head's {class_names}")
+            return np.asarray([class_names.index(x) for x in labels]), None, class_names
+        if task == "regression":
+            manifest.require(config.target_column)
+            return np.asarray([float(v[config.target_column]) for v in values]), None, None
+        manifest.require(config.time_column, config.event_column)
+        time = np.asarray([float(v[config.time_column]) for v in values])
+        event = np.asarray([int(float(v[config.event_column])) for v in values])
+        return time, event, None
+    except ValueError as error:
+        raise BrainDINOError(manifest.path, f"bad target value ({error})") from None
+
+
+def _subject_loss(task: str, extra: dict):
+    def loss(outputs: torch.Tensor, data: SubjectData, index: np.ndarray) -> torch.Tensor:
+        if task == "classification":
+            return F.cross_entropy(outputs, torch.as_tensor(data.y[index]))
+        if task == "regression":
+            target = (torch.as_tensor(data.y[index], dtype=torch.float32) - extra["target_mean"]) / extra["target_std"]
+            return F.mse_loss(outputs[:, 0], target)
+        return cox_partial_likelihood_loss(outputs[:, 0], torch.as_tensor(data.y[index], dtype=torch.float32),
+                                           torch.as_tensor(data.event[index]))
+    return loss
+
+
+def _fit_subject_module(data: SubjectData, val: SubjectData | None, config: FitConfig, out_dim: int,
+                        extra: dict, progress=None, cancel=None) -> tuple[SubjectHead, History, dict]:
+    torch.manual_seed(config.seed)
+    arguments = {"token_dim": data.bags[0][0].shape[1], "out_dim": out_dim, "modalities": len(data.bags[0]),
+                 "pooling": config.pooling}
+    module = SubjectHead(**arguments)
+    module.set_standardisation(torch.cat([t for bag in data.bags for t in bag]))
+    loss = _subject_loss(config.task, extra)
+    training = config.training
+    if config.task == "survival":  # the partial likelihood compares each subject with everyone at risk
+        training = replace(training, batch_size=0)
+
+    def batch_loss(m, index):
+        index = index.numpy()
+        return loss(m([data.bags[i] for i in index]), data, index)
+
+    def val_loss(m):
+        return float(loss(m(val.bags), val, np.arange(len(val.bags))))
+
+    use_val = val is not None and len(val.bags) >= (2 if config.task == "survival" else 1)
+    history = train_module(module, batch_loss, len(data.bags), training, val_loss if use_val else None,
+                           progress=progress, cancel=cancel)
+    return module.eval(), history, arguments
+
+
+def subject_metrics(head: Head, data: SubjectData) -> tuple[dict, np.ndarray]:
+    """Metrics of `head` on subjects `data`, and its raw outputs."""
+    outputs = subject_outputs(head, data.bags)
+    task = head.card.task
+    if task == "classification":
+        probabilities = torch.softmax(torch.as_tensor(outputs), dim=1).numpy()
+        return classification_metrics(data.y, probabilities, head.card.class_names), outputs
+    if task == "knn":
+        return classification_metrics(data.y, outputs, head.card.class_names), outputs
+    if task == "regression":
+        predicted = outputs[:, 0] * head.card.extra["target_std"] + head.card.extra["target_mean"]
+        return regression_metrics(data.y, predicted), outputs
+    return {"c_index": c_index(data.y, outputs[:, 0], data.event), "events": int(data.event.sum()),
+            "subjects": len(data.y)}, outputs
+
+
+def _fit_subject_head(data: SubjectData, val: SubjectData | None, config: FitConfig, card: HeadCard,
+                      progress=None, cancel=None) -> tuple[Head, History]:
+    """Fit one subject head (kNN: remember the training subjects and pick k on `val`)."""
+    task = config.task
+    if task == "knn":
+        vectors = torch.stack([subject_vector(b) for b in data.bags])
+        sweep = {}
+        k = 5
+        if val is not None and len(val.bags):
+            probe = KNNHead(vectors.shape[1], len(data.bags), len(card.classes))
+            probe.remember(vectors, torch.as_tensor(data.y))
+            sweep = sweep_k(probe, torch.stack([subject_vector(b) for b in val.bags]), val.y, config.k_values)
+            k = max(sweep, key=lambda kk: (sweep[kk], kk)) if sweep else k
+        arguments = {"feature_dim": vectors.shape[1], "num_items": len(data.bags), "num_classes": len(card.classes),
+                     "k": int(min(k, len(data.bags)))}
+        module = KNNHead(**arguments)
+        module.remember(vectors, torch.as_tensor(data.y))
+        card = replace(card, module=arguments, extra={**card.extra, "k_sweep": sweep})
+        return Head(card, module.eval()), History()
+    extra = dict(card.extra)
+    if task == "regression":
+        extra.update(target_mean=float(data.y.mean()), target_std=float(data.y.std() or 1.0))
+    out_dim = len(card.classes) if task == "classification" else 1
+    module, history, arguments = _fit_subject_module(data, val, config, out_dim, extra, progress, cancel)
+    head = Head(replace(card, module=arguments, extra=extra), module)
+    if task == "survival":
+        risks = subject_outputs(head, data.bags)[:, 0]
+        head.card.extra["median_risk"] = float(np.median(risks))
+    return head, history
+
+
+def fit_subject(manifest: Manifest, encoder: Encoder, config: FitConfig, cache: FeatureCache | None = None,
+                progress=None, cancel=None) -> FitResult:
+    """Fit a classification, regression, survival or kNN head on the manifest's training rows."""
+    columns = manifest.image_columns(config.image_columns)
+    rows = manifest.select("train")
+    y, event, class_names = subject_targets(manifest, rows, config)
+    strata = y if class_names else None
+    keep = label_subset(len(rows), config.label_fraction, config.seed, strata)
+    rows, y = [rows[i] for i in keep], y[keep]
+    event = None if event is None else event[keep]
+    preprocessing = default_preprocessing(encoder)
+    if config.image_size:
+        preprocessing = replace(preprocessing, image_size=config.image_size)
+    source = FeatureSource(encoder, preprocessing, (), cache, progress, cancel)
+    data = SubjectData(subject_bags(manifest, rows, columns, source), y, event)
+    card = HeadCard(task=config.task, kind="knn" if config.task == "knn" else "subject-mlp",
+                    encoder_id=encoder.model_id, classes=make_classes(list(range(len(class_names))), class_names)
+                    if class_names else [], pooling="mean" if config.task == "knn" else config.pooling,
+                    modalities=tuple(columns), preprocessing=preprocessing.to_dict(),
+                    extra={"fitted_on": str(manifest.path), "training_subjects": len(rows),
+                           "label_fraction": config.label_fraction, "training": config.training.to_dict()},
+                    description=f"{config.task} head on {len(rows)} subjects of {manifest.path.name}")
+    strata = y if class_names else None
+    metrics: dict = {"task": config.task, "training_subjects": len(rows)}
+    if config.folds > 1:
+        fold_metrics = []
+        for fold, (train, held) in enumerate(folds_of(len(rows), config.folds, config.seed, strata)):
+            inner_train, inner_val = validation_split(len(train), config.val_fraction, config.seed,
+                                                      None if strata is None else strata[train])
+            part = data.take(train)
+            head, _ = _fit_subject_head(part.take(inner_train), part.take(inner_val), config, card, cancel=cancel)
+            fold_metrics.append(subject_metrics(head, data.take(held))[0])
+            log.info("fold %d: %s", fold, {k: v for k, v in fold_metrics[-1].items() if isinstance(v, float)})
+        metrics["cross_validation"] = _summarise_folds(fold_metrics)
+    train, val = validation_split(len(rows), config.val_fraction, config.seed, strata)
+    head, history = _fit_subject_head(data.take(train), data.take(val), config, card, cancel=cancel)
+    if len(val):
+        metrics["validation"] = subject_metrics(head, data.take(val))[0]
+    head.card.metrics = metrics
+    return FitResult(head, history, metrics)
+
+
+def _summarise_folds(fold_metrics: list[dict]) -> dict:
+    """Mean and std over folds of every scalar metric."""
+    keys = [k for k, v in fold_metrics[0].items() if isinstance(v, (int, float))]
+    summary = {"folds": len(fold_metrics)}
+    for key in keys:
+        values = np.asarray([m[key] for m in fold_metrics], float)
+        summary[key] = {"mean": float(np.nanmean(values)), "std": float(np.nanstd(values))}
+    return summary
+
+
+# ---- segmentation heads -------------------------------------------------------------------------------------
+
+@dataclass
+class SegmentationData:
+    inputs: torch.Tensor  # [N, C, h, w] fp16, every embedded slice of every case
+    targets: torch.Tensor  # [N, K, H, W] fp16 class fractions
+    case_of_slice: np.ndarray  # [N] case number
+
+
+def read_labels(manifest: Manifest, row: int, column: str, shape: tuple[int, ...]) -> np.ndarray:
+    path = manifest.resolve(manifest.rows[row][column])
+    labels = read_volume(path).array
+    if labels.shape != shape:
+        raise BrainDINOError(path, f"label grid {labels.shape} differs from its image grid {shape}")
+    if np.any(labels < 0) or np.any(labels != np.round(labels)):
+        raise BrainDINOError(path, "label volume must hold non-negative integers")
+    return labels.astype(np.int64)
+
+
+def fit_segmentation(manifest: Manifest, encoder: Encoder, config: FitConfig, cache: FeatureCache | None = None,
+                     progress=None, cancel=None) -> FitResult:
+    """Fit a segmentation head on every embedded slice of the manifest's training cases."""
+    manifest.require(config.label_column)
+    column = manifest.image_columns(config.image_columns)[0]
+    rows = manifest.select("train")
+    rows = [rows[i] for i in label_subset(len(rows), config.label_fraction, config.seed)]
+    preprocessing = default_preprocessing(encoder)
+    if config.image_size:
+        preprocessing = replace(preprocessing, image_size=config.image_size)
+    layers = tuple(sorted(config.layers))
+    source = FeatureSource(encoder, preprocessing, layers, cache, progress, cancel)
+    kind = config.kind or "linear"
+    cases = []
+    for n, row in enumerate(rows):
+        features = source(manifest.resolve(manifest.rows[row][column]))
+        labels = read_labels(manifest, row, config.label_column, features.slices.volume_shape)
+        cases.append((features, labels))
+        if progress:
+            progress(n + 1, len(rows))
+    values = sorted({0, *np.unique(np.concatenate([np.unique(lab) for _, lab in cases])).astype(int).tolist()})
+    torch.manual_seed(config.seed)
+    module, arguments = make_segmentation_module(kind, cases[0][0].patches.shape[-1] * max(1, len(layers)), len(values))
+    inputs, targets, case_of = [], [], []
+    for n, (features, labels) in enumerate(cases):
+        inputs.append(patch_inputs(features, layers))
+        targets.append(soft_targets(labels, features.slices, features.slices.slice_indices, values,
+                                    module.upscale).half())
+        case_of += [n] * features.num_slices
+    data = SegmentationData(torch.cat(inputs), torch.cat(targets), np.asarray(case_of))
+    train_cases, val_cases = validation_split(len(rows), config.val_fraction, config.seed)
+    train = np.flatnonzero(np.isin(data.case_of_slice, train_cases))
+    val = np.flatnonzero(np.isin(data.case_of_slice, val_cases))
+
+    def loss_of(m, index):
+        return soft_cross_entropy(m(data.inputs[index].float()), data.targets[index].float())
+
+    def batch_loss(m, index):
+        return loss_of(m, torch.as_tensor(train)[index])
+
+    def val_loss(m):
+        return float(np.mean([float(loss_of(m, torch.as_tensor(val[s:s + 64]))) for s in range(0, len(val), 64)]))
+
+    history = train_module(module, batch_loss, len(train), config.training, val_loss if len(val) else None,
+                           cancel=cancel)
+    card = HeadCard(task="segmentation", kind=kind, encoder_id=encoder.model_id,
+                    classes=make_classes(values, names_for_values(values, config.class_names)), layers=layers,
+                    preprocessing=preprocessing.to_dict(), module=arguments,
+                    extra={"fitted_on": str(manifest.path), "training_cases": len(rows),
+                           "label_fraction": config.label_fraction, "training": config.training.to_dict()},
+                    description=f"{kind} segmentation head on {len(rows)} cases of {manifest.path.name}")
+    head = Head(card, module.eval())
+    metrics: dict = {"task": "segmentation", "training_cases": len(rows)}
+    if len(val_cases):
+        from .evaluation import segmentation_case_metrics
+        per_case = [segmentation_case_metrics(head, *cases[i]) for i in val_cases]
+        metrics["validation"] = {"mean_dice": float(np.nanmean([m["mean_dice"] for m in per_case])),
+                                 "mean_hd95_mm": float(np.nanmean([m["mean_hd95_mm"] for m in per_case])),
+                                 "cases": len(per_case)}
+    head.card.metrics = metrics
+    return FitResult(head, history, metrics)
+
+
+def fit_head(manifest: Manifest, encoder: Encoder, config: FitConfig, cache: FeatureCache | None = None,
+             progress=None, cancel=None) -> FitResult:
+    """Fit the head `config.task` asks for (see the module docstring for the manifest's columns)."""
+    if config.task == "segmentation":
+        return fit_segmentation(manifest, encoder, config, cache, progress, cancel)
+    if config.task in SUBJECT_TASKS:
+        return fit_subject(manifest, encoder, config, cache, progress, cancel)
+    raise BrainDINOError(config.task, "unknown task; use segmentation, classification, regression, survival or knn")
