@@ -370,7 +370,8 @@ class BrainDINOLogic(ScriptedLoadableModuleLogic):
                                                  node=node)
 
     def pointLps(self, markupsNode, referenceNode):
-        return self.engine().mrml.point_lps(markupsNode, 0, referenceNode)
+        """The probe: the last control point of the markups node, in LPS mm in the volume's frame."""
+        return self.engine().mrml.point_lps(markupsNode, markupsNode.GetNumberOfControlPoints() - 1, referenceNode)
 
     # ---- segment -----------------------------------------------------------------------------------------
 
@@ -725,6 +726,8 @@ class BrainDINOWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                 self.onPointMoved)
         self._observedPoint = markupsNode
         if markupsNode is not None:
+            if markupsNode.GetNumberOfControlPoints() == 0:  # a new probe: one point, dragged around
+                markupsNode.SetMaximumNumberOfControlPoints(1)
             self.addObserver(markupsNode, slicer.vtkMRMLMarkupsNode.PointModifiedEvent, self.onPointMoved)
             self.addObserver(markupsNode, slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, self.onPointMoved)
 
