@@ -110,11 +110,13 @@ def run_pca(args: argparse.Namespace) -> int:
 
 def run_similarity(args: argparse.Namespace) -> int:
     from ..maps import SimilarityIndex
+    from ..maps.similarity import voxel_of_point
     from ..montage import OverlayStyle
     from ..volume import ras_to_lps, read_volume
 
     point_lps = args.point_lps if args.point_lps is not None else ras_to_lps(args.point_ras)
     volume = read_volume(args.volume)
+    voxel_of_point(volume.geometry, point_lps)  # refuse a point outside the volume before the slow part
     encoder, config = _load_model(args)
     features = _features(args, volume, encoder, config)
     source = SimilarityIndex(features)

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ..errors import BrainDINOError
 from ..features import VolumeFeatures
-from ..volume import Volume
+from ..volume import Geometry, Volume
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,21 @@ def interpolation_matrix(size_in: int, size_out: int) -> Tensor:
     """Weights [size_out, size_in] of 1-D linear upsampling exactly as torch's bilinear (align_corners=False)."""
     identity = torch.eye(size_in)[None]  # channel c is the unit impulse at input sample c
     return F.interpolate(identity, size=size_out, mode="linear", align_corners=False)[0].T.contiguous()
+
+
+def _describe(point_lps) -> str:
+    return f"point (LPS mm) {tuple(round(float(v), 1) for v in point_lps)}"
+
+
+def voxel_of_point(geometry: Geometry, point_lps: np.ndarray | tuple[float, float, float]) -> tuple[int, int, int]:
+    """The canonical voxel (k, j, i) containing an LPS point; `BrainDINOError` if it is outside the grid."""
+    kji = np.rint(geometry.lps_to_index(np.asarray(point_lps, dtype=np.float64)[None])[0])
+    k, j, i = (int(v) for v in kji)
+    width, height, depth = geometry.size
+    if not (0 <= k < depth and 0 <= j < height and 0 <= i < width):
+        raise BrainDINOError(_describe(point_lps), f"lies outside the volume (voxel {k, j, i} of a "
+                                                   f"{depth}x{height}x{width} grid)")
+    return k, j, i
 
 
 class SimilarityIndex:
@@ -90,12 +105,8 @@ class SimilarityIndex:
 
     def seed_voxel(self, point_lps: np.ndarray | tuple[float, float, float]) -> tuple[int, int, int]:
         """The voxel (k, j, i) containing an LPS point; refuses points outside the embedded slices or box."""
-        kji = np.rint(self.features.geometry.lps_to_index(np.asarray(point_lps, dtype=np.float64)[None])[0])
-        k, j, i = (int(v) for v in kji)
-        depth, height, width = self.features.slices.volume_shape
-        where = f"point (LPS mm) {tuple(round(float(v), 1) for v in point_lps)}"
-        if not (0 <= k < depth and 0 <= j < height and 0 <= i < width):
-            raise BrainDINOError(where, f"lies outside the volume (voxel {k, j, i} of a {depth}x{height}x{width} grid)")
+        k, j, i = voxel_of_point(self.features.geometry, point_lps)
+        where = _describe(point_lps)
         if k not in self.features.slices.slice_indices:
             raise BrainDINOError(where, f"lies on axial slice {k}, which has no foreground and was not embedded")
         row0, col0, _, _ = self.features.slices.box
