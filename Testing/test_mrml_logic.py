@@ -190,6 +190,32 @@ def test_few_shot_segmentation_from_painted_slices(scene, logic, t1_node, featur
     np.testing.assert_array_equal(logic.segmentWithHead(head, volume).array, result.labels.array)
 
 
+def test_subject_head_prediction_lands_in_a_table(scene, logic, t1_node, features, tmp_path):
+    """A classification head saved as `fit-head` saves one (weights random: the wiring is what is tested)."""
+    import torch
+    from BrainDINOLib.heads import Head, HeadCard, load_head, save_head
+    from BrainDINOLib.heads.card import make_classes
+    from BrainDINOLib.heads.head import build_module
+
+    torch.manual_seed(0)
+    dim = features.cls.shape[1]
+    card = HeadCard(task="classification", kind="subject-mlp", encoder_id=features.model_id,
+                    classes=make_classes([0, 1], ["T1-like", "T2-like"]),
+                    module={"token_dim": 2 * dim, "out_dim": 2})
+    path = save_head(Head(card, build_module(card).eval()), tmp_path / "sequence.safetensors")
+    head = logic.loadHead(path)
+    prediction = logic.predictSubject(head, logic.volumeFromNode(t1_node))
+    assert prediction == load_head(path).predict(features)
+    table = logic.showPrediction(prediction, path.stem, t1_node.GetName())
+    (row,) = mrml.rows_from_table(table)
+    assert row["subject"] == t1_node.GetName() and row["head"] == "sequence"
+    assert row["class"] in ("T1-like", "T2-like")
+    assert row["probabilities.T1-like"] + row["probabilities.T2-like"] == pytest.approx(1.0)
+    with pytest.raises(Exception, match="segmentation head"):
+        few_shot_head = HeadCard(task="segmentation", kind="linear", encoder_id=features.model_id)
+        logic.predictSubject(Head(few_shot_head, torch.nn.Identity()), logic.volumeFromNode(t1_node))
+
+
 def test_prediction_rows_go_into_one_table(scene, logic):
     table = logic.showPrediction({"class": "T1", "probabilities": {"T1": 0.9, "T2": 0.1}}, "sequence", "case A")
     table = logic.showPrediction({"value": 71.5}, "age", "case A", table)
