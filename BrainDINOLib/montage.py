@@ -196,7 +196,7 @@ def _point_kji(image: Volume, point_lps: Sequence[float] | None) -> np.ndarray |
 def _save(figure: Figure, path: str | Path) -> Path:
     FigureCanvasAgg(figure)
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100, facecolor="black")
+    figure.savefig(buffer, format="png", dpi=100, facecolor="black", bbox_inches="tight", pad_inches=0.2)
     write_bytes_atomic(path, buffer.getvalue())
     return Path(path)
 

@@ -1,0 +1,180 @@
+"""The BrainDINO demo: everything the engine shows, on the bundled Colin27 T1, in one run on a CPU.
+
+Steps: load the model -> features of the sample -> PCA colours -> similarity to a named anatomical point
+(the left putamen) -> k-means clusters -> few-shot segmentation of the brain's lobes from a handful of
+labelled axial slices (labels: the bundled AAL atlas merged into lobes), scored with Dice on the slices it
+was not shown -> the volumes and one report picture in the output folder. Each step is timed.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from .atomic import write_text_atomic
+from .cache import FeatureCache
+from .embedding import default_preprocessing, embed_volume
+from .encoder import load_encoder
+from .errors import BrainDINOError
+from .heads import few_shot_segment
+from .heads.metrics import dice_per_class
+from .maps import SimilarityIndex, cluster_map, pca_map
+from .montage import OverlayStyle, Panel, save_report
+from .volume import Volume, ras_to_lps, read_volume, write_volume
+
+log = logging.getLogger(__name__)
+
+DATA = Path(__file__).parent / "data"
+SAMPLE_T1 = DATA / "colin27_t1.nii.gz"
+SAMPLE_AAL = DATA / "colin27_aal.nii.gz"
+SAMPLE_AAL_TABLE = DATA / "colin27_aal.txt"
+
+
+@dataclass(frozen=True)
+class NamedPoint:
+    """An anatomical landmark: what it is and where (RAS mm, Slicer's convention)."""
+
+    name: str
+    ras: tuple[float, float, float]
+
+    @property
+    def lps(self) -> np.ndarray:
+        return ras_to_lps(self.ras)
+
+
+# Inside AAL's Putamen_L on Colin27 (MNI space): 85% of the 7x7x7 mm cube around it is putamen.
+LEFT_PUTAMEN = NamedPoint("left putamen", (-26.0, 2.0, 2.0))
+
+# AAL regions merged into lobes (by region-name prefix, both hemispheres); label = position + 1.
+LOBES: dict[str, tuple[str, ...]] = {
+    "frontal": ("Precentral", "Frontal", "Rolandic_Oper", "Supp_Motor_Area", "Olfactory", "Rectus",
+                "Paracentral_Lobule"),
+    "parietal": ("Postcentral", "Parietal", "SupraMarginal", "Angular", "Precuneus"),
+    "temporal": ("Temporal", "Heschl", "Hippocampus", "ParaHippocampal", "Amygdala", "Fusiform"),
+    "occipital": ("Calcarine", "Cuneus", "Lingual", "Occipital"),
+    "cingulate and insula": ("Cingulum", "Insula"),
+    "deep grey matter": ("Caudate", "Putamen", "Pallidum", "Thalamus"),
+    "cerebellum": ("Cerebelum", "Vermis"),
+}
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """What the demo runs on. The defaults are the bundled sample and model; tests shrink them."""
+
+    volume: Path = SAMPLE_T1
+    atlas: Path = SAMPLE_AAL
+    atlas_table: Path = SAMPLE_AAL_TABLE
+    model: str | Path = "demo"
+    device: str | None = "cpu"
+    image_size: int | None = None  # None: the model's own
+    batch_size: int | None = None
+    point: NamedPoint = LEFT_PUTAMEN
+    clusters: int = 8
+    labelled_slices: int = 5
+
+
+@dataclass
+class DemoResult:
+    outputs: dict[str, Path] = field(default_factory=dict)  # what -> file
+    seconds: dict[str, float] = field(default_factory=dict)  # step -> wall-clock seconds
+    dice: dict[str, float] = field(default_factory=dict)  # lobe -> Dice on the slices the head was not shown
+
+
+def lobe_labels(atlas: np.ndarray, table: Path) -> np.ndarray:
+    """AAL labels [Z, Y, X] -> lobe labels (uint8, 0 = outside the atlas) by the `LOBES` prefixes."""
+    lobes = np.zeros(int(atlas.max()) + 1, dtype=np.uint8)
+    for line in table.read_text().splitlines():
+        if not line.strip():
+            continue
+        value, name = line.split()[:2]
+        for label, prefixes in enumerate(LOBES.values(), start=1):
+            if name.startswith(prefixes) and int(value) < len(lobes):
+                lobes[int(value)] = label
+    return lobes[atlas]
+
+
+def spread_slices(labels: np.ndarray, count: int) -> list[int]:
+    """`count` axial slices evenly spread over the middle 80% of the labelled extent."""
+    present = np.flatnonzero(labels.any(axis=(1, 2)))
+    low, high = present[0], present[-1]
+    positions = np.linspace(low + 0.1 * (high - low), high - 0.1 * (high - low), count)
+    return sorted({int(round(p)) for p in positions})
+
+
+def _read_atlas(config: DemoConfig, volume: Volume) -> np.ndarray:
+    atlas = read_volume(config.atlas)
+    if atlas.geometry != volume.geometry:
+        raise BrainDINOError(config.atlas, f"is not on the grid of {config.volume}")
+    return lobe_labels(np.rint(atlas.array).astype(np.int64), config.atlas_table)
+
+
+def run_demo(out: str | Path, config: DemoConfig = DemoConfig(), cache: FeatureCache | None = None,
+             on_step: Callable[[str, float], None] | None = None) -> DemoResult:
+    """Run every step of the demo, writing into the folder `out`; `on_step(name, seconds)` after each."""
+    out = Path(out)
+    result = DemoResult()
+
+    @contextmanager
+    def step(name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        yield
+        result.seconds[name] = time.perf_counter() - started
+        log.info("%s: %.1f s", name, result.seconds[name])
+        if on_step:
+            on_step(name, result.seconds[name])
+
+    def write(what: str, volume: Volume, name: str) -> Volume:
+        result.outputs[what] = write_volume(volume, out / name)
+        return volume
+
+    with step("load model and sample"):
+        encoder = load_encoder(config.model, device=config.device)
+        volume = read_volume(config.volume)
+        lobes = _read_atlas(config, volume)
+    preprocessing = default_preprocessing(encoder)
+    if config.image_size:
+        preprocessing = replace(preprocessing, image_size=config.image_size)
+    with step("features"):
+        features = embed_volume(volume, encoder, config=preprocessing, batch_size=config.batch_size, cache=cache)
+    with step("PCA map"):
+        pca = write("PCA colours (RGB)", pca_map(features).rgb, "pca_rgb.nii.gz")
+    point_slug = config.point.name.replace(" ", "_")
+    with step(f"similarity to the {config.point.name}"):
+        similarity = write(f"similarity to the {config.point.name}", SimilarityIndex(features).map(config.point.lps),
+                           f"similarity_{point_slug}.nii.gz")
+    with step("cluster map"):
+        clusters = write(f"{config.clusters} feature clusters", cluster_map(features, k=config.clusters),
+                         "clusters.nii.gz")
+    with step("few-shot lobe segmentation"):
+        shown = spread_slices(lobes, config.labelled_slices)
+        names = ["background", *LOBES]
+        segmentation = few_shot_segment(features, lobes, shown, class_names=names)
+        labels = write(f"lobes from {len(shown)} labelled slices", segmentation.labels, "fewshot_lobes.nii.gz")
+        table = "\n".join(f"{value} {name}" for value, name in enumerate(names)) + "\n"
+        write_text_atomic(out / "fewshot_lobes.txt", table)
+        result.outputs["lobe names"] = out / "fewshot_lobes.txt"
+        unseen = np.setdiff1d(np.arange(volume.shape[0]), shown)
+        predicted = np.rint(labels.array[unseen]).astype(np.int64)
+        dice = dice_per_class(predicted, lobes[unseen], range(1, len(names)))
+        result.dice = {names[value]: score for value, score in dice.items()}
+    with step("report picture"):
+        head = features.foreground
+        lobe_names = dict(enumerate(names))
+        panels = [
+            Panel(f"{Path(config.volume).name}: + = {config.point.name}", None),
+            Panel("PCA of the features (RGB = components 1-3)", pca, OverlayStyle("rgb", alpha=0.8), head),
+            Panel(f"cosine similarity to the {config.point.name}", similarity,
+                  OverlayStyle("scalar", cmap="inferno", vmax=1.0, label="similarity"), head),
+            Panel(f"{config.clusters} k-means clusters", clusters, OverlayStyle("labels", alpha=0.5)),
+            Panel(f"few-shot lobes ({len(shown)} labelled slices)", labels,
+                  OverlayStyle("labels", alpha=0.5, names={k: v for k, v in lobe_names.items() if k})),
+        ]
+        title = f"BrainDINO demo: {encoder.model_id}"
+        result.outputs["report picture"] = save_report(volume, panels, out / "report.png", config.point.lps, title)
+    return result
