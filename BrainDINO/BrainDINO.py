@@ -901,26 +901,32 @@ class BrainDINOTest(ScriptedLoadableModuleTest):
         logic.showSimilarity(similarity, volumeNode)
 
         self.delayDisplay("Few-shot segmentation from three painted slices")
-        labels = (volume.array > np.percentile(volume.array[features.foreground], 60)) & features.foreground
+        atlas = logic.engine().read_volume(ensure_engine_on_path() / "data" / "colin27_aal.nii.gz")
+        self.assertEqual(atlas.shape, volume.shape)
+        labels = atlas.array > 0  # the brain as AAL outlines it: cortex, deep grey matter, cerebellum
         painted = np.zeros(volume.shape, np.int16)
         slices = features.slices.slice_indices
         examples = [slices[len(slices) // 4], slices[len(slices) // 2], slices[3 * len(slices) // 4]]
         painted[examples] = labels[examples].astype(np.int16)
         mrml = logic.engine().mrml
         examplesNode = mrml.segmentation_from_labels(volume.with_array(painted), volumeNode,
-                                                     [mrml.LabelClass(1, "bright tissue", (250, 240, 180))],
+                                                     [mrml.LabelClass(1, "brain", (250, 240, 180))],
                                                      name="examples")
         fewShot = logic.paintedLabels(examplesNode, volumeNode)
         self.assertEqual(fewShot.slice_indices, tuple(sorted(examples)))
         result = logic.fitFewShot(volume, fewShot)
         output = logic.showSegmentation(result.labels, volumeNode, fewShot.classes)
         segment = output.GetSegmentation().GetNthSegment(0)
-        self.assertEqual(segment.GetName(), "bright tissue")
-        predicted = result.labels.array > 0
+        self.assertEqual(segment.GetName(), "brain")
         others = [k for k in slices if k not in examples]
-        dice = 2 * (predicted[others] & labels[others]).sum() / (predicted[others].sum() + labels[others].sum())
-        logging.info("few-shot Dice on %d unpainted slices: %.3f", len(others), dice)
-        self.assertGreater(dice, 0.5)
+
+        def dice(predicted):
+            return 2 * (predicted[others] & labels[others]).sum() / (predicted[others].sum() + labels[others].sum())
+
+        learned, headMask = dice(result.labels.array > 0), dice(features.foreground)
+        logging.info("few-shot Dice on %d unpainted slices: %.3f (the whole head mask scores %.3f)",
+                     len(others), learned, headMask)
+        self.assertGreater(learned, headMask)  # it learned the brain, not just where the head is
         self.delayDisplay("BrainDINO flow passed")
 
     def test_cancel_on_worker(self):
