@@ -610,6 +610,7 @@ class BrainDINOWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def run(self, label: str, work, onDone) -> None:
         """Queue `work(progress, cancel)` on the torch thread; `onDone(result)` runs here when it finishes."""
         def onError(error: BaseException) -> None:
+            self.logic.worker.cancel()  # the jobs queued after this one depend on it
             if isinstance(error, BrainDINOLogic.engine().CancelledError):
                 self.ui.statusLabel.text = f"{label}: cancelled."
                 return
@@ -634,6 +635,7 @@ class BrainDINOWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic.worker.poll()
         if not self.logic.worker.busy:
             self.timer.stop()
+            self.ui.architectureLabel.text = self.logic.describeModel()
             self.ui.cancelButton.enabled = False
             self.ui.progressBar.maximum = 1
             self.ui.progressBar.value = 1
@@ -642,11 +644,12 @@ class BrainDINOWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic.worker.cancel()
 
     def requireReady(self) -> bool:
-        """Dependencies installed (False if the user declined) and a model loaded (loaded here the first time)."""
+        """Dependencies installed (False if the user declined); the model is queued for loading if none is
+        loaded yet, so the jobs queued after it find it (the worker runs jobs in order)."""
         if not self.ensureDependencies():
             return False
         if self.logic.encoder is None:
-            self.loadModel()
+            self.queueModelLoading()
         return True
 
     def modelSource(self) -> str:
@@ -655,17 +658,16 @@ class BrainDINOWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ---- model and input ---------------------------------------------------------------------------------
 
-    def loadModel(self) -> None:
-        self.ui.architectureLabel.text = "loading..."
-        try:
-            self.logic.loadModel(self.modelSource(), self._parameterNode.device)
-        finally:
-            self.ui.architectureLabel.text = self.logic.describeModel()
+    def queueModelLoading(self) -> None:
+        source, device = self.modelSource(), self._parameterNode.device
+        self.ui.architectureLabel.text = f"loading {source}..."
+        self.run("Loading the model", lambda progress, cancel: self.logic.loadModel(source, device),
+                 lambda encoder: None)  # the label is refreshed when the worker is idle
 
     def onLoadModel(self) -> None:
-        with slicer.util.tryWithErrorDisplay("Loading the model failed.", waitCursor=True):
+        with slicer.util.tryWithErrorDisplay("Loading the model failed."):
             if self.ensureDependencies():
-                self.loadModel()
+                self.queueModelLoading()
 
     def inputVolume(self):
         """The selected input node and its engine `Volume` (read on the main thread)."""
@@ -677,11 +679,13 @@ class BrainDINOWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay(f"{label} failed.", waitCursor=True):
             if not self.requireReady():
                 return
-            layers = self.logic.segmentationLayers() if segmentationLayers else ()
             node, volume = self.inputVolume()
-            self.run("Computing features",
-                     lambda progress, cancel: self.logic.computeFeatures(volume, layers, progress, cancel),
-                     lambda features: then(node, volume, features))
+
+            def work(progress, cancel):  # on the worker, after the model (possibly queued just now) is loaded
+                layers = self.logic.segmentationLayers() if segmentationLayers else ()
+                return self.logic.computeFeatures(volume, layers, progress, cancel)
+
+            self.run("Computing features", work, lambda features: then(node, volume, features))
 
     def onComputeFeatures(self) -> None:
         """Embed with the blocks segmentation needs too, so every panel afterwards reuses these features."""
