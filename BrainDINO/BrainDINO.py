@@ -108,7 +108,7 @@ class BrainDINOParameterNode:
     outputSegmentation: vtkMRMLSegmentationNode
     subjectHead: Path
     predictionTable: vtkMRMLTableNode
-    trainTask: Annotated[str, Choice(["pretrain", "fit-head"])] = "pretrain"
+    trainTask: Annotated[str, Choice(["prepare-slices", "pretrain", "make-cases", "fit-head", "evaluate"])] = "pretrain"
     trainArguments: str = ""
     # Outputs, remembered so that recomputing updates the same nodes.
     pcaVolume: vtkMRMLVectorVolumeNode
