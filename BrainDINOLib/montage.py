@@ -155,13 +155,17 @@ class _Renderer:
             axes.imshow(values, cmap=style.cmap, vmin=self.range[0], vmax=self.range[1], alpha=style.alpha,
                         aspect=aspect, interpolation="bilinear")
 
-    def add_key(self, figure: Figure, axes_list: list) -> None:
-        """A colour bar (scalar maps) or a legend of named labels, beside `axes_list`."""
+    def add_key(self, figure: Figure, axes_list: list, inset: bool = False) -> None:
+        """A colour bar (scalar maps) or a legend of named labels, beside `axes_list` (`inset`: drawn in the
+        margin of the last axes instead of taking width from all of them)."""
         if self.overlay is None:
             return
         if self.style.kind == "scalar":
             mappable = ScalarMappable(Normalize(*self.range), colormaps[self.style.cmap])
-            bar = figure.colorbar(mappable, ax=axes_list, fraction=0.04, pad=0.01)
+            if inset:
+                bar = figure.colorbar(mappable, cax=axes_list[-1].inset_axes([1.04, 0.05, 0.05, 0.9]))
+            else:
+                bar = figure.colorbar(mappable, ax=axes_list, fraction=0.04, pad=0.01)
             bar.set_label(self.style.label, color="white")
             bar.ax.tick_params(colors="white")
         elif self.style.kind == "labels" and self.style.names:
@@ -242,5 +246,5 @@ def save_report(image: Volume, panels: Sequence[Panel], path: str | Path, point_
             index = int(np.clip(round(point[AXIS_OF_PLANE[plane]]), 0, image.shape[AXIS_OF_PLANE[plane]] - 1))
             renderer.draw(axes[row, col], plane, index, point)
         axes[row, 0].set_title(panel.title, color="white", fontsize=9, loc="left")
-        renderer.add_key(figure, list(axes[row]))
+        renderer.add_key(figure, list(axes[row]), inset=True)
     return _save(figure, path)
