@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from monai.transforms import (Compose, RandAdjustContrast, RandBiasField, RandGaussianNoise, RandGaussianSmooth,
                               RandScaleIntensityFixedMean)
+from monai.utils import convert_to_tensor
 from torch import Tensor
 
 from .config import CropConfig
@@ -60,7 +61,8 @@ class MultiCrop:
 
     def _intensity(self, crop: Tensor, generator: torch.Generator) -> Tensor:
         self.intensity.set_random_state(seed=int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
-        return torch.as_tensor(self.intensity(crop)).float()
+        # A plain tensor, not MONAI's MetaTensor: metadata tracking would slow every later op on the batch.
+        return convert_to_tensor(self.intensity(crop), dtype=torch.float32, track_meta=False)
 
     def _affines(self, count: int, scale: tuple[float, float], generator: torch.Generator) -> Tensor:
         """[count, 2, 3] maps from crop coordinates to slice coordinates (both normalised to [-1, 1])."""

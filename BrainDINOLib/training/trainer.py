@@ -89,6 +89,31 @@ def _to(batch: StepBatch, device: torch.device) -> StepBatch:
                                                                  batch.masks, batch.indices)))
 
 
+def training_step(student: torch.nn.Module, teacher: DistillationNetwork, losses: Losses,
+                  optimizer: torch.optim.Optimizer, batch: StepBatch, values: StepValues,
+                  clip_grad: float) -> dict[str, torch.Tensor]:
+    """One optimisation step: student and teacher forward, losses, backward, clipping, AdamW, teacher EMA.
+
+    `student` may be wrapped in DDP (which averages the gradients across processes during backward).
+    Returns the losses (detached) and the gradient norm before clipping.
+    """
+    network = student.module if isinstance(student, DistributedDataParallel) else student
+    with _autocast(batch.global_crops.device):
+        student_out = student(batch.global_crops, batch.local_crops, batch.masks)
+        with torch.no_grad():
+            teacher_out = teacher(batch.global_crops, None, batch.masks)
+    terms = losses(student_out, teacher_out, values)
+    optimizer.zero_grad(set_to_none=True)
+    terms["loss"].backward()
+    if values.freeze_prototypes:
+        network.dino_head.prototypes.grad = None
+        network.ibot_head.prototypes.grad = None
+    grad_norm = torch.nn.utils.clip_grad_norm_(network.parameters(), clip_grad)
+    optimizer.step()
+    update_teacher(teacher, network, values.momentum)
+    return {**{k: v.detach() for k, v in terms.items()}, "grad_norm": grad_norm.detach()}
+
+
 def _save_checkpoint(path: Path, step: int, student: DistillationNetwork, teacher: DistillationNetwork,
                      optimizer: torch.optim.Optimizer, losses: Losses, config: TrainConfig) -> None:
     state = {"format": CHECKPOINT_FORMAT, "step": step, "student_network": student.state_dict(),
@@ -165,7 +190,6 @@ def _pretrain(config: TrainConfig, context: Distributed, resume: bool,
     loader = DataLoader(batches, batch_size=None, sampler=range(start, optim.steps), collate_fn=collate_single,
                         num_workers=config.data.num_workers, pin_memory=context.device.type == "cuda")
     metrics = MetricsLog(output, start) if context.is_main else None
-    prototypes = [student.dino_head.prototypes, student.ibot_head.prototypes]
     log.info("pretraining %s on %d slices: steps %d..%d, %d process(es) x %d slices", architecture.describe(),
              len(shards), start, optim.steps, context.world_size, optim.batch_size)
 
@@ -182,30 +206,18 @@ def _pretrain(config: TrainConfig, context: Distributed, resume: bool,
         apply_step_values(optimizer, step_values)
         torch.manual_seed(derive_seed(run.seed, step, context.rank, 3))  # drop-path draws
 
-        with _autocast(context.device):
-            student_out = trainable(batch.global_crops, batch.local_crops, batch.masks)
-            with torch.no_grad():
-                teacher_out = teacher(batch.global_crops, None, batch.masks)
-        values = losses(student_out, teacher_out, step_values)
-        optimizer.zero_grad(set_to_none=True)
-        values["loss"].backward()
-        if step_values.freeze_prototypes:
-            for parameter in prototypes:
-                parameter.grad = None
-        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), optim.clip_grad)
-        optimizer.step()
-        update_teacher(teacher, student, step_values.momentum)
+        values = training_step(trainable, teacher, losses, optimizer, batch, step_values, optim.clip_grad)
         window_images += optim.batch_size * context.world_size
 
         done = step + 1
         if metrics is not None and (done % run.log_every == 0 or done == optim.steps or step == start):
             now = time.perf_counter()
             row = {"step": step, "epoch": round(batches.epoch(done), 4),
-                   **{k: round(float(v.detach()), 6) for k, v in values.items()},
+                   **{k: round(float(values[k]), 6) for k in ("loss", "dino", "ibot", "koleo")},
                    "lr": step_values.lr, "weight_decay": round(step_values.weight_decay, 6),
                    "momentum": round(step_values.momentum, 6),
                    "teacher_temperature": round(step_values.teacher_temperature, 6),
-                   "grad_norm": round(float(grad_norm), 4),
+                   "grad_norm": round(float(values["grad_norm"]), 4),
                    "images_per_s": round(window_images / max(now - window_start, 1e-9), 3),
                    "elapsed_s": round(now - started, 1)}
             metrics.add(row)
@@ -220,7 +232,7 @@ def _pretrain(config: TrainConfig, context: Distributed, resume: bool,
             progress(done, optim.steps)
 
     seconds = time.perf_counter() - started
-    final_loss = float(values["loss"].detach())
+    final_loss = float(values["loss"])
     digests = context.gather(state_digest(teacher))
     exported: dict[str, Path] = {}
     if context.is_main:

@@ -1,0 +1,69 @@
+"""Slice shards from real MRI, the YAML config, and the per-step batches (multi-crop views and iBOT masks)."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from training_helpers import MICRO_CONFIG, micro_shards, single_thread, two_mm_brain  # noqa: F401
+
+from BrainDINOLib import BrainDINOError, PreprocessConfig, SliceStack, read_volume
+from BrainDINOLib.training import SliceShards, load_config, prepare_slices
+from BrainDINOLib.training.batches import StepBatches
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return SliceShards(micro_shards(tmp_path_factory))
+
+
+def test_shards_hold_the_engines_own_model_input(shards, tmp_path_factory):
+    stack = SliceStack.from_volume(read_volume(two_mm_brain(tmp_path_factory)), 16, PreprocessConfig(image_size=64))
+    assert len(shards) == len(stack) > 50
+    assert shards.image_size == 64 and len(shards.index["shards"]) == -(-len(stack) // 32)
+    for i in (0, 40, len(stack) - 1):
+        assert shards[i].shape == (1, 64, 64) and shards[i].dtype == torch.float32
+        np.testing.assert_allclose(shards[i].numpy(), stack.images[i].numpy(), atol=0.01, rtol=0.002)
+
+
+def test_prepare_slices_skips_unreadable_volumes_by_name(tmp_path, tmp_path_factory, caplog):
+    broken = tmp_path / "inputs" / "broken.nii.gz"
+    broken.parent.mkdir()
+    broken.write_bytes(b"not a nifti file")
+    listing = tmp_path / "inputs" / "list.csv"
+    listing.write_text(f"path\nbroken.nii.gz\n{two_mm_brain(tmp_path_factory)}\n")
+    with caplog.at_level(logging.WARNING):
+        summary = prepare_slices([listing], tmp_path / "out", image_size=32)
+    assert summary.volumes == 1 and summary.skipped == [str(broken)]
+    assert summary.slices == len(SliceShards(tmp_path / "out")) and summary.bytes > summary.slices * 32 * 32 * 2
+    assert str(broken) in caplog.text
+    assert broken.read_bytes() == b"not a nifti file"  # inputs are only read
+    with pytest.raises(BrainDINOError, match="none of the 1 input volume"):
+        prepare_slices([broken], tmp_path / "out2")
+
+
+def test_config_reads_yaml_applies_overrides_and_names_unknown_keys(tmp_path):
+    config = load_config(MICRO_CONFIG, ["optim.steps=17", "crops.global_scale=[0.5, 1.0]"])
+    assert config.model.embed_dim == 64 and config.optim.steps == 17 and config.crops.global_scale == (0.5, 1.0)
+    assert load_config(None).model.family == "dinov3"
+    with pytest.raises(BrainDINOError, match=r"unknown key\(s\) in config.optim: stepz"):
+        load_config(MICRO_CONFIG, ["optim.stepz=3"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [1, 2]\n")
+    with pytest.raises(BrainDINOError, match="bad.yaml"):
+        load_config(bad)
+
+
+def test_step_batches_are_a_pure_function_of_seed_step_and_rank(shards):
+    config = load_config(MICRO_CONFIG)
+    make = lambda rank: StepBatches(shards, config.crops, config.loss, 4, 16, 1, seed=5, rank=rank, world_size=2)
+    first, again, other_rank = make(0)[3], make(0)[3], make(1)[3]
+    assert first.global_crops.shape == (8, 1, 64, 64) and first.local_crops.shape == (8, 1, 32, 32)
+    assert first.masks.shape == (8, 16) and int(first.masks.any(dim=1).sum()) == 4
+    for name in ("global_crops", "local_crops", "masks", "indices"):
+        assert torch.equal(getattr(first, name), getattr(again, name))
+    assert not set(first.indices.tolist()) & set(other_rank.indices.tolist())  # ranks split the epoch
+    assert not torch.equal(first.global_crops[:4], first.global_crops[4:])  # two different views
+    # The crops are slices, not noise: each view keeps both background and brain.
+    assert float(first.global_crops.amax()) > 1.0 and float(first.global_crops.amin()) < -0.5
