@@ -718,9 +718,9 @@ class BrainDINOWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.withFeatures("Clusters", show)
 
     def onOpacity(self, value: float) -> None:
-        """Foreground opacity of every slice view (set directly on the slice composite nodes: no engine needed)."""
-        for composite in slicer.util.getNodesByClass("vtkMRMLSliceCompositeNode"):
-            composite.SetForegroundOpacity(value)
+        """Foreground opacity of every slice view (overlays exist only once the engine, and torch, are there)."""
+        if BrainDINOLogic.torchInstalled():
+            BrainDINOLogic.engine().mrml.set_foreground_opacity(slicer.mrmlScene, value)
 
     def observePoint(self, markupsNode) -> None:
         """Recompute the similarity map whenever the probe point is placed or moved."""

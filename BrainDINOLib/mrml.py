@@ -14,7 +14,7 @@ transform), and markups points are brought into that frame before use (`point_lp
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
@@ -408,9 +408,3 @@ def point_lps(markups_node, index: int, reference) -> np.ndarray:
     reference.TransformPointFromWorld(world, local)
     return RAS_FROM_LPS @ np.asarray(local, dtype=np.float64)
 
-
-def remove_nodes(nodes: Iterable) -> None:
-    """Remove nodes (and their display and storage nodes) from their scene; None entries are skipped."""
-    for node in nodes:
-        if node is not None and node.GetScene() is not None:
-            node.GetScene().RemoveNode(node)
