@@ -91,7 +91,7 @@ class CaseConfig:
     noise: float = 0.03  # noise std relative to the brightest tissue
     contrast_jitter: float = 0.08  # relative jitter of each tissue intensity
     lesion_radius_mm: tuple[float, float] = (3.0, 15.0)
-    atrophy_range: tuple[float, float] = (0.0, 0.5)
+    atrophy_range: tuple[float, float] = (0.0, 0.8)
     baseline_hazard: float = 0.05  # events per time unit at a 20 ml lesion
     hazard_beta: float = 1.0
     max_censoring: float = 40.0
@@ -266,7 +266,7 @@ def generate_case(task: str, index: int, seed: int = 0, config: CaseConfig = Cas
                             fractions["gm"], fractions["wm"]])
         labels = stacked.argmax(axis=0).astype(np.uint8)
     if task == "sequence":
-        chosen = (SEQUENCES[int(rng.integers(len(SEQUENCES)))],)
+        chosen = (SEQUENCES[index % len(SEQUENCES)],)  # balanced classes; everything else is random
         case.targets["sequence"] = chosen[0]
     else:
         chosen = sequences or (("FLAIR",) if task in ("lesion", "survival") else ("T1",))

@@ -105,6 +105,7 @@ class FitConfig:
     task: str
     kind: str = ""  # segmentation: "linear" (default) or "decoder"
     pooling: str = "mean"  # subject heads: "mean" or "attention"
+    hidden: int = 256  # subject heads: MLP width (0: linear)
     layers: tuple[int, ...] = ()  # segmentation: blocks to concatenate (empty: the final output)
     image_size: int | None = None  # model input size (default: the encoder's)
     image_columns: tuple[str, ...] = ()
@@ -257,7 +258,7 @@ def _fit_subject_module(data: SubjectData, val: SubjectData | None, config: FitC
                         extra: dict, progress=None, cancel=None) -> tuple[SubjectHead, History, dict]:
     torch.manual_seed(config.seed)
     arguments = {"token_dim": data.bags[0][0].shape[1], "out_dim": out_dim, "modalities": len(data.bags[0]),
-                 "pooling": config.pooling}
+                 "pooling": config.pooling, "hidden": config.hidden}
     module = SubjectHead(**arguments)
     module.set_standardisation(torch.cat([t for bag in data.bags for t in bag]))
     loss = _subject_loss(config.task, extra)

@@ -56,6 +56,7 @@ class MeanPool(nn.Module):
 class SubjectHead(nn.Module):
     """Pool each modality's slice tokens, standardise, concatenate, MLP -> `out_dim` outputs per subject.
 
+    `hidden=0` makes the MLP a single linear layer (a linear probe; steadier on a few dozen subjects).
     The standardisation (mean, std per input feature of the training subjects) is stored as buffers, so a
     saved head carries it."""
 
@@ -68,8 +69,10 @@ class SubjectHead(nn.Module):
                                    for _ in range(modalities))
         self.register_buffer("token_mean", torch.zeros(token_dim))
         self.register_buffer("token_std", torch.ones(token_dim))
-        self.mlp = nn.Sequential(nn.Linear(token_dim * modalities, hidden), nn.GELU(), nn.Dropout(dropout),
-                                 nn.Linear(hidden, out_dim))
+        fused = token_dim * modalities
+        self.mlp = nn.Sequential(nn.Dropout(dropout), nn.Linear(fused, hidden), nn.GELU(), nn.Dropout(dropout),
+                                 nn.Linear(hidden, out_dim)) if hidden else nn.Sequential(nn.Dropout(dropout),
+                                                                                          nn.Linear(fused, out_dim))
 
     def set_standardisation(self, tokens: Tensor) -> None:
         """Standardise inputs with the statistics of these training slice tokens [N, F]."""

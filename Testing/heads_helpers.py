@@ -1,0 +1,35 @@
+"""Shared pieces of the head tests: small generated cohorts (3 mm, mild nuisance) and a feature cache.
+
+The encoder is the tiny fixture checkpoint, whose weights are random: its features carry only what random
+projections of the image keep, so the tests assert learnability clearly above chance, not clinical accuracy.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from BrainDINOLib.synthetic import CaseConfig, make_cases
+
+IMAGE_SIZE = 112  # 7 x 7 patches per slice with the patch-16 fixture: cheap, enough for subject tasks
+TEST_CASES = replace(CaseConfig(), spacing_mm=3.0, bias=0.1, contrast_jitter=0.03)
+
+
+def make_cohort(root: Path, task: str, train: int, test: int, **kwargs) -> Path:
+    """Generate (once per session folder) a cohort; returns its manifest."""
+    manifest = root / task / "cases.csv"
+    if not manifest.exists():
+        make_cases(task, root / task, train, test, seed=1, config=TEST_CASES, **kwargs)
+    return manifest
+
+
+class single_thread:
+    """Run torch on one thread (the test machine's cores are shared; oversubscription is 10x slower)."""
+
+    def __enter__(self):
+        self.threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.threads)
