@@ -74,18 +74,32 @@ class SimilarityIndex:
         self.row_weights = interpolation_matrix(h, box_rows)[r_lo:r_hi]  # [rows in window, h]
         self.col_weights = interpolation_matrix(w, box_cols)[c_lo:c_hi]  # [cols in window, w]
         self.slice_indices = np.asarray(slices.slice_indices)
+        # The same window in volume coordinates (rows j, columns i).
+        self.window_rows = slice(row0 + r_lo, row0 + r_hi)
+        self.window_cols = slice(col0 + c_lo, col0 + c_hi)
 
     def upsample(self, per_patch: Tensor) -> Tensor:
         """Per-patch map [S, h, w] -> values on the voxels of the window [S, rows, cols] (bilinear)."""
         return self.row_weights @ (per_patch @ self.col_weights.T)
 
-    def to_volume(self, window_values: Tensor, fill: float = 0.0) -> Volume:
-        """Window values [S, rows, cols] -> a float32 volume on the input grid (`fill` elsewhere)."""
-        array = np.full(self.features.slices.volume_shape, fill, dtype=np.float32)
-        row0, col0, _, _ = self.features.slices.box
+    def new_volume(self) -> tuple[Volume, Tensor, bool]:
+        """A zero float32 volume on the input grid, a writable [S, rows, cols] tensor for its window voxels,
+        and whether that tensor is a view into the volume.
+
+        When the embedded slices are consecutive (the usual case) it is a view, so results written into it
+        land in the volume without a copy; otherwise `store` copies them in.
+        """
+        array = np.zeros(self.features.slices.volume_shape, dtype=np.float32)
+        volume = self.features.empty_volume().with_array(array)
+        first, last = int(self.slice_indices[0]), int(self.slice_indices[-1])
+        if last - first + 1 == len(self.slice_indices):
+            return volume, torch.from_numpy(array)[first:last + 1, self.window_rows, self.window_cols], True
         r_lo, r_hi, c_lo, c_hi = self.box_window
-        array[self.slice_indices, row0 + r_lo:row0 + r_hi, col0 + c_lo:col0 + c_hi] = window_values.numpy()
-        return self.features.empty_volume().with_array(array)
+        return volume, torch.empty((len(self.slice_indices), r_hi - r_lo, c_hi - c_lo)), False
+
+    def store(self, volume: Volume, window: Tensor) -> None:
+        """Copy window values [S, rows, cols] into their voxels of `volume`."""
+        volume.array[self.slice_indices, self.window_rows, self.window_cols] = window.numpy()
 
     @cached_property
     def inverse_voxel_norm(self) -> Tensor:
@@ -130,8 +144,12 @@ class SimilarityIndex:
 
         Voxels of slices that were not embedded, and outside the crop box, are 0.
         """
-        similarity = self.upsample(self.tokens @ query).mul_(self.inverse_voxel_norm)  # <q, f(v)> / |f(v)|
-        return self.to_volume(similarity.clamp_(-1.0, 1.0))
+        volume, window, is_view = self.new_volume()
+        numerator = self.upsample(self.tokens @ query)  # <q, f(v)>
+        torch.mul(numerator, self.inverse_voxel_norm, out=window).clamp_(-1.0, 1.0)  # / |f(v)|
+        if not is_view:
+            self.store(volume, window)
+        return volume
 
     def map(self, point_lps: np.ndarray | tuple[float, float, float]) -> Volume:
         """Similarity of every voxel to the feature at `point_lps` (LPS mm); exactly 1.0, the maximum, at the

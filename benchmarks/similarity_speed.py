@@ -1,0 +1,103 @@
+"""Similarity-to-a-point speed on CPU once features exist: milliseconds per new point on the Colin27 volume.
+
+Features: the bundled Colin27 T1 (181 x 217 x 181, 1 mm; 171 slices of 14 x 14 patches at 224 px) embedded
+by a DINOv3 ViT of the released BrainDINO's width (embed 768; one block, random weights: the cost of a
+similarity map depends on the token count and width only, not on the weights or depth).
+Measured in the same run:
+- index: building `SimilarityIndex` once (unit tokens, per-voxel feature norms);
+- per point: `SimilarityIndex.map(point)` for random head voxels (median and 90th percentile), with torch's
+  default thread count and with one thread (on a machine shared with other jobs, one thread is faster);
+- baselines: `similarity_map(features, point)` (builds the index every time), the engine's generic
+  `VolumeFeatures.to_volume` of one per-patch map (torch bilinear), and one copy of a voxel volume (the floor:
+  touching every output voxel once).
+
+    .venv/bin/python benchmarks/similarity_speed.py [--points 40]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from BrainDINOLib import Architecture, embed_volume, read_volume
+from BrainDINOLib.checkpoints import ModelCard, save_safetensors
+from BrainDINOLib.encoder import load_encoder
+from BrainDINOLib.maps import SimilarityIndex, similarity_map
+
+SAMPLE = Path(__file__).resolve().parents[1] / "BrainDINOLib" / "data" / "colin27_t1.nii.gz"
+WIDE = Architecture(family="dinov3", embed_dim=768, depth=1, num_heads=12, patch_size=16)
+
+
+def milliseconds(function, repeats: int) -> np.ndarray:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append((time.perf_counter() - start) * 1e3)
+    return np.array(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--points", type=int, default=40, help="random points to map")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/braindino-bench"))
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    checkpoint = save_safetensors(WIDE.build(), ModelCard("dinov3-width768-random", WIDE),
+                                  args.work / "width768.safetensors", dtype=torch.float32)
+    volume = read_volume(SAMPLE)
+    features = embed_volume(volume, load_encoder(checkpoint, device="cpu"))
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}; features: {features.num_slices} slices x {features.grid} patches "
+          f"x {features.patches.shape[-1]} dims; volume {volume.shape}")
+
+    start = time.perf_counter()
+    index = SimilarityIndex(features)
+    index.inverse_voxel_norm
+    build_ms = (time.perf_counter() - start) * 1e3
+
+    rng = np.random.default_rng(0)
+    head = np.argwhere(features.foreground[list(features.slices.slice_indices)])
+    picks = head[rng.choice(len(head), size=args.points, replace=False)]
+    points = [volume.geometry.index_to_lps(np.array([[features.slices.slice_indices[s], j, i]]))[0]
+              for s, j, i in picks]
+
+    def per_point_ms() -> np.ndarray:
+        index.map(points[0])  # warm-up
+        times = []
+        for point in points:
+            start = time.perf_counter()
+            similarity = index.map(point)
+            times.append((time.perf_counter() - start) * 1e3)
+            assert similarity.array.max() == 1.0
+        return np.array(times)
+
+    threads = torch.get_num_threads()
+    per_thread_setting = {}
+    for setting in sorted({threads, 1}, reverse=True):
+        torch.set_num_threads(setting)
+        per_thread_setting[setting] = per_point_ms()
+    torch.set_num_threads(threads)
+    per_point = per_thread_setting[threads]
+
+    rebuild = milliseconds(lambda: similarity_map(features, points[0]), 3)
+    one_map = index.tokens @ index.query(points[0])
+    generic_upsample = milliseconds(lambda: features.to_volume(one_map), 5)
+    floor = milliseconds(lambda: volume.array.copy(), 10)
+
+    median = np.median(per_point)
+    print(f"index build (once)                 {build_ms:8.1f} ms")
+    for setting, times in per_thread_setting.items():
+        print(f"SimilarityIndex.map, {setting:2d} thread(s)  {np.median(times):8.1f} ms median per point, "
+              f"{np.percentile(times, 90):.1f} ms p90 ({args.points} points)")
+    print(f"similarity_map (index every time)  {np.median(rebuild):8.1f} ms  = {np.median(rebuild) / median:5.1f}x")
+    print(f"to_volume of one per-patch map     {np.median(generic_upsample):8.1f} ms  "
+          f"= {np.median(generic_upsample) / median:5.1f}x")
+    print(f"copy of one voxel volume (floor)   {np.median(floor):8.1f} ms  = {np.median(floor) / median:5.2f}x")
+
+
+if __name__ == "__main__":
+    main()
