@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from timm.layers import apply_rot_embed_cat
 from torch import Tensor

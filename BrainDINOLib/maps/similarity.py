@@ -6,14 +6,12 @@ slice, never materialised: the similarity at voxel v is
     cos(q, f(v)) = <q, f(v)> / (|q| |f(v)|),   f(v) = sum_p w_p(v) t_p,   q = f(seed)
 
 The numerator is linear in the tokens, so it is the bilinear upsampling of one per-patch map (q against
-every token): one upsampling per point. The denominator |f(v)| depends only on
-the features, so `SimilarityIndex` computes it once (from each slice's token Gram matrix and the
-interpolation weights). By Cauchy-Schwarz the map lies in [-1, 1] and equals 1 exactly at the seed voxel:
+every token): one upsampling per point. The denominator |f(v)| depends only on the features, so
+`SimilarityIndex` computes it once (from each slice's token Gram matrix and the interpolation weights). By Cauchy-Schwarz the map lies in [-1, 1] and equals 1 exactly at the seed voxel:
 the seed's own value is the maximum. A new point then costs one matrix-vector product and one upsampling.
 """
 from __future__ import annotations
 
-import logging
 from functools import cached_property
 
 import numpy as np
@@ -24,8 +22,6 @@ from torch import Tensor
 from ..errors import BrainDINOError
 from ..features import VolumeFeatures
 from ..volume import Geometry, Volume
-
-log = logging.getLogger(__name__)
 
 # Float rounding allowed at the seed voxel, whose similarity is exactly 1 in exact arithmetic.
 ROUNDING = 1e-5
