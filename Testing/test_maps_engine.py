@@ -113,6 +113,8 @@ def test_similarity_to_another_volume_and_bad_points(cases):
     assert other.shape == dicom_features.slices.volume_shape and -1.0 <= other.array.min() <= other.array.max() <= 1.0
     with pytest.raises(BrainDINOError, match="outside the volume"):
         similarity_map(features, (500.0, 0.0, 0.0))
+    with pytest.raises(BrainDINOError, match="do not compare"):
+        similarity_map(features, point, target=dataclasses.replace(dicom_features, model_id="another-model"))
 
 
 # ---- PCA ---------------------------------------------------------------------------------------------------

@@ -165,6 +165,9 @@ def similarity_map(features: VolumeFeatures, point_lps: np.ndarray | tuple[float
 
     For repeated points on the same features, build one `SimilarityIndex` and call `.map(point)`.
     """
+    if target is not None and target.model_id != features.model_id:
+        raise BrainDINOError(target.source or "target features", f"were computed with {target.model_id}, not with "
+                                                                 f"{features.model_id}: their features do not compare")
     source = SimilarityIndex(features)
     query = source.query(point_lps)
     destination = source if target is None else SimilarityIndex(target)
