@@ -206,9 +206,11 @@ def _save(figure: Figure, path: str | Path) -> Path:
 
 
 def _figure(rows: int, cols: int, title: str) -> tuple[Figure, np.ndarray]:
-    figure = Figure(figsize=(2.3 * cols + 1.6, 2.4 * rows + 0.5), facecolor="black")
-    axes = figure.subplots(rows, cols, squeeze=False, gridspec_kw={"wspace": 0.02, "hspace": 0.08})
-    figure.suptitle(title, color="white")
+    height = 2.4 * rows + 0.5
+    figure = Figure(figsize=(2.3 * cols + 1.6, height), facecolor="black")
+    axes = figure.subplots(rows, cols, squeeze=False,
+                           gridspec_kw={"wspace": 0.02, "hspace": 0.12, "top": 1 - 0.55 / height, "bottom": 0.02})
+    figure.suptitle(title, color="white", y=1 - 0.1 / height, va="top")
     return figure, axes
 
 
