@@ -13,7 +13,10 @@ import torch
 from BrainDINOLib.synthetic import CaseConfig, make_cases
 
 IMAGE_SIZE = 112  # 7 x 7 patches per slice with the patch-16 fixture: cheap, enough for subject tasks
-TEST_CASES = replace(CaseConfig(), spacing_mm=3.0, bias=0.1, contrast_jitter=0.03)
+# Milder nuisance than the defaults, and survival with a steeper hazard and little censoring, so that the
+# few dozen cases a test can afford show the effect clearly.
+TEST_CASES = replace(CaseConfig(), spacing_mm=3.0, bias=0.1, contrast_jitter=0.03, hazard_beta=2.0,
+                     max_censoring=100.0)
 
 
 def make_cohort(root: Path, task: str, train: int, test: int, **kwargs) -> Path:

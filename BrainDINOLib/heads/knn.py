@@ -1,6 +1,6 @@
 """kNN probe: cosine k-nearest-neighbour classification of subjects on mean-pooled slice tokens.
 
-No training: the head stores the centred, L2-normalised subject vectors of the fitting set and their
+No training: the head stores the standardised (per-feature z-score), L2-normalised subject vectors of the fitting set and their
 classes; a subject gets the vote fractions of its k most similar stored subjects. `sweep_k` scores a range
 of k on validation subjects so fitting can pick one (and report the sweep).
 """
@@ -31,17 +31,22 @@ class KNNHead(nn.Module):
         self.k = min(k, num_items)
         self.num_classes = num_classes
         self.register_buffer("centre", torch.zeros(feature_dim))
+        self.register_buffer("scale", torch.ones(feature_dim))
         self.register_buffer("bank", torch.zeros(num_items, feature_dim))
         self.register_buffer("labels", torch.zeros(num_items, dtype=torch.long))
 
     def remember(self, vectors: Tensor, labels: Tensor) -> None:
         self.centre.copy_(vectors.mean(dim=0))
-        self.bank.copy_(F.normalize(vectors - self.centre, dim=1))
+        self.scale.copy_(vectors.std(dim=0).clamp_min(1e-4))
+        self.bank.copy_(self.normalise(vectors))
         self.labels.copy_(labels)
+
+    def normalise(self, vectors: Tensor) -> Tensor:
+        return F.normalize((vectors - self.centre) / self.scale, dim=1)
 
     def votes(self, vectors: Tensor, k: int) -> Tensor:
         """Vote fractions [N, K] of the k most cosine-similar stored subjects."""
-        similarity = F.normalize(vectors - self.centre, dim=1) @ self.bank.T
+        similarity = self.normalise(vectors) @ self.bank.T
         nearest = similarity.topk(min(k, self.bank.shape[0]), dim=1).indices
         one_hot = F.one_hot(self.labels[nearest], self.num_classes).float()
         return one_hot.mean(dim=1)
