@@ -60,6 +60,10 @@ class ModelConfig:
     in_chans: int = 1
     num_register_tokens: int = 4
     drop_path_rate: float = 0.1
+    # LayerScale gammas of a fresh backbone. The engine's 1e-5 (DINOv3's) suits long runs; in a short run the
+    # blocks then barely contribute, every image's CLS token is the same, the teacher's targets are uniform
+    # and the heads settle on uniform outputs (DINO's collapse). Short runs from scratch want ~1.
+    layer_scale_init: float = 1e-5
     init_from: str = ""  # any checkpoint the engine reads: its architecture and weights replace the fields above
 
 

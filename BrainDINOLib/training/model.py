@@ -114,4 +114,7 @@ def build_network(model: ModelConfig, loss: LossConfig) -> DistillationNetwork:
                                     num_heads=model.num_heads, patch_size=model.patch_size, in_chans=model.in_chans,
                                     num_register_tokens=model.num_register_tokens)
         backbone = architecture.build(drop_path_rate=model.drop_path_rate)
+        for name, parameter in backbone.named_parameters():
+            if name.endswith(("gamma_1", "gamma_2")):
+                nn.init.constant_(parameter, model.layer_scale_init)
     return DistillationNetwork(backbone.train(), architecture, loss)
