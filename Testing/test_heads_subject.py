@@ -3,6 +3,11 @@
 Encoder: the tiny fixture (random weights) at 112 px; 3-mm cases with mild nuisance (heads_helpers). Each
 head is fitted on the training cases of a manifest and scored on disjoint held-out test cases; the
 thresholds sit below the figures measured with these exact settings (in each test's comment).
+
+Measured (held-out test cases): sequence classification (4 classes, 24 train / 12 test) accuracy 0.75,
+macro-AUC 0.84 (attention pooling: 0.50, 0.76); kNN accuracy 0.50 (chance 0.25); atrophy regression
+(16 / 8) Pearson r 0.86, R^2 0.72, MAE 0.078 vs 0.178 for the mean; multi-modal T1 + FLAIR survival
+(20 / 12) C-index 0.83, log-rank p 0.011.
 """
 from __future__ import annotations
 
@@ -47,7 +52,7 @@ def test_sequence_classification_above_chance_and_reload(cohorts, fixture_encode
     metrics = evaluation.metrics
     # 4 balanced classes, 12 test subjects: chance accuracy 0.25, AUC 0.5.
     assert metrics["subjects"] == 12 and metrics["chance_accuracy"] == 0.25
-    assert metrics["accuracy"] >= 0.5 and metrics["macro_auc"] >= 0.75, metrics
+    assert metrics["accuracy"] >= 0.5 and metrics["macro_auc"] >= 0.75, metrics  # measured 0.75, 0.84
 
     path = save_head(result.head, tmp_path / "sequence.safetensors")
     reloaded = load_head(path)
@@ -67,28 +72,28 @@ def test_knn_probe_above_chance(cohorts, fixture_encoder, cache):
     result, evaluation = fit_and_test(cohorts["sequence"], fixture_encoder, cache, task="knn",
                                       label_column="sequence", val_fraction=0.25)
     assert result.head.card.extra["k_sweep"], "the k sweep is recorded"
-    assert evaluation.metrics["accuracy"] >= 0.4, evaluation.metrics  # chance 0.25
+    assert evaluation.metrics["accuracy"] >= 0.4, evaluation.metrics  # measured 0.50; chance 0.25
 
 
 def test_attention_pooling_classification_learns(cohorts, fixture_encoder, cache):
     result, evaluation = fit_and_test(cohorts["sequence"], fixture_encoder, cache, task="classification",
                                       label_column="sequence", pooling="attention")
     assert result.head.card.pooling == "attention"
-    assert evaluation.metrics["macro_auc"] >= 0.7, evaluation.metrics
+    assert evaluation.metrics["macro_auc"] >= 0.68, evaluation.metrics  # measured 0.76
 
 
 def test_atrophy_regression_correlates_on_held_out_cases(cohorts, fixture_encoder, cache):
     result, evaluation = fit_and_test(cohorts["atrophy"], fixture_encoder, cache, task="regression",
                                       target_column="atrophy")
     metrics = evaluation.metrics
-    assert metrics["pearson_r"] >= 0.5, metrics
+    assert metrics["pearson_r"] >= 0.6 and metrics["r2"] > 0.3, metrics  # measured 0.86, 0.72
     assert metrics["mae"] < metrics["mae_of_mean_predictor"], metrics
 
 
 def test_multimodal_survival_orders_risk_above_chance(cohorts, fixture_encoder, cache, tmp_path):
     result, evaluation = fit_and_test(cohorts["survival"], fixture_encoder, cache, task="survival")
     assert result.head.card.modalities == ("image_t1", "image_flair")
-    assert evaluation.metrics["c_index"] >= 0.6, evaluation.metrics  # chance 0.5
+    assert evaluation.metrics["c_index"] >= 0.65, evaluation.metrics  # measured 0.83; chance 0.5
     assert "median_risk" in result.head.card.extra and np.isfinite(evaluation.metrics["logrank_statistic"])
     one = Manifest.read(cohorts["survival"]).rows[-1]
     with pytest.raises(BrainDINOError, match="needs 2 volume"):

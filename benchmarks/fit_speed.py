@@ -1,0 +1,80 @@
+"""Few-shot segmentation head fitting time from cached features, on CPU.
+
+Embeds the bundled Colin27 T1 once (the cost a user pays once per volume; afterwards it comes from the
+feature cache), then fits few-shot heads from 3 and 5 labelled axial slices (AAL merged into lobes) and
+segments the whole volume. The baseline, measured in the same run, is embedding the volume: fitting
+should cost a small fraction of it.
+
+    .venv/bin/python benchmarks/fit_speed.py [--model CHECKPOINT] [--image-size 224] [--layers 0,1,2]
+                                            [--spacing 1] [--threads 1] [--repeats 3]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from BrainDINOLib import PreprocessConfig, Volume, embed_volume, load_encoder
+from BrainDINOLib.heads import few_shot_segment
+from BrainDINOLib.heads.metrics import dice_per_class
+from BrainDINOLib.synthetic import merge_aal
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "BrainDINOLib" / "data" / "colin27_t1.nii.gz"
+AAL = REPO / "BrainDINOLib" / "data" / "colin27_aal.nii.gz"
+FIXTURE = REPO.parent / "shared" / "fixtures" / "dinov3_teacher" / "teacher_checkpoint.pth"
+
+
+def read_resampled(path: Path, spacing: float, labels: bool) -> Volume:
+    image = sitk.ReadImage(str(path), sitk.sitkUInt8 if labels else sitk.sitkFloat32)
+    if spacing != 1.0:
+        size = [int(round(n / spacing)) for n in image.GetSize()]
+        image = sitk.Resample(image, size, sitk.Transform(), sitk.sitkNearestNeighbor if labels else sitk.sitkLinear,
+                              image.GetOrigin(), [spacing] * 3, image.GetDirection())
+    return Volume.from_image(image, str(path))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=str(FIXTURE))
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--layers", default="0,1,2")
+    parser.add_argument("--spacing", type=float, default=1.0)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    encoder = load_encoder(args.model, device="cpu")
+    volume = read_resampled(SAMPLE, args.spacing, labels=False)
+    lobes, names = merge_aal(read_resampled(AAL, args.spacing, labels=True).array)
+    layers = tuple(int(x) for x in args.layers.split(",") if x)
+
+    started = time.perf_counter()
+    features = embed_volume(volume, encoder, PreprocessConfig(image_size=args.image_size), layers=layers)
+    embed_s = time.perf_counter() - started
+    print(f"encoder {encoder.model_id}, volume {volume.shape} at {args.spacing} mm, {features.num_slices} slices, "
+          f"grid {features.grid}, blocks {layers}, {args.threads} thread(s)")
+    print(f"baseline: embedding the volume            {embed_s:7.2f} s")
+    area = (lobes > 0).sum(axis=(1, 2))
+    brain = [k for k in features.slices.slice_indices if area[k] > 0.3 * area.max()]
+    for count in (3, 5):
+        labelled = [brain[int(len(brain) * (i + 0.5) / count)] for i in range(count)]
+        times = []
+        for _ in range(args.repeats):
+            started = time.perf_counter()
+            result = few_shot_segment(features, lobes, labelled, class_names=names)
+            times.append(time.perf_counter() - started)
+        held_out = [k for k in brain if k not in labelled]
+        dice = dice_per_class(result.labels.array[held_out], lobes[held_out], range(1, len(names)))
+        median = statistics.median(times)
+        print(f"few-shot fit + segment, {count} slices      {median:7.2f} s  ({median / embed_s:.2f} x embedding; "
+              f"held-out mean Dice {np.mean(list(dice.values())):.3f})")
+
+
+if __name__ == "__main__":
+    main()
