@@ -73,3 +73,16 @@ def test_few_shot_rejects_bad_labels(tissue_case):
         few_shot_segment(features, np.zeros_like(labels), brain[:3])
     with pytest.raises(BrainDINOError, match="not embedded"):
         few_shot_segment(features, labels, [0])
+
+
+def test_decoder_head_predicts_on_a_finer_grid_and_reloads(tissue_case, tmp_path):
+    from BrainDINOLib.heads import TrainConfig
+    features, labels, brain = tissue_case
+    with single_thread():
+        result = few_shot_segment(features, labels, brain[::12], kind="decoder",
+                                  config=TrainConfig(max_epochs=15, learning_rate=1e-2, batch_size=0))
+        reloaded = load_head(save_head(result.head, tmp_path / "decoder.safetensors"))
+        again = segment(reloaded, features)
+    assert result.head.module.upscale == 4 and reloaded.card.kind == "decoder"
+    assert np.array_equal(again.array, result.labels.array)
+    assert set(np.unique(result.labels.array)) <= {0, 1, 2, 3}

@@ -47,7 +47,7 @@ class DecoderSegmentationHead(nn.Module):
     """1x1 projection, then `log2(upscale)` blocks of (x2 bilinear upsampling, 3x3 conv, BN, GELU), then a
     1x1 classifier: [S, C, h, w] -> [S, K, h * upscale, w * upscale]."""
 
-    def __init__(self, in_channels: int, num_classes: int, hidden: int = 128, upscale: int = 4):
+    def __init__(self, in_channels: int, num_classes: int, hidden: int = 64, upscale: int = 4):
         super().__init__()
         if upscale < 1 or upscale & (upscale - 1):
             raise ValueError(f"upscale must be a power of two, got {upscale}")
