@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from BrainDINOLib import BrainDINOError, FeatureCache
-from BrainDINOLib.heads import FitConfig, Manifest, TrainConfig, evaluate, fit_head, load_head, predict_subject, save_head
+from BrainDINOLib.heads import (FitConfig, Manifest, TrainConfig, evaluate, fit_head, load_head, predict_subject,
+                                save_head, write_report)
 from BrainDINOLib.heads.fitting import FeatureSource
 from BrainDINOLib.heads.head import module_state_equal
 from BrainDINOLib.synthetic import SEQUENCES
@@ -54,6 +55,8 @@ def test_sequence_classification_above_chance_and_reload(cohorts, fixture_encode
     assert metrics["subjects"] == 12 and metrics["chance_accuracy"] == 0.25
     assert metrics["accuracy"] >= 0.5 and metrics["macro_auc"] >= 0.75, metrics  # measured 0.75, 0.84
 
+    written = {p.name for p in write_report(tmp_path / "report", evaluation, result.head, result.history)}
+    assert {"roc.png", "confusion_matrix.png", "learning_curves.png", "predictions.csv"} <= written
     path = save_head(result.head, tmp_path / "sequence.safetensors")
     reloaded = load_head(path)
     assert module_state_equal(result.head.module, reloaded.module)
@@ -75,6 +78,14 @@ def test_knn_probe_above_chance(cohorts, fixture_encoder, cache):
     assert evaluation.metrics["accuracy"] >= 0.4, evaluation.metrics  # measured 0.50; chance 0.25
 
 
+def test_cross_validation_and_label_fraction(cohorts, fixture_encoder, cache):
+    result, _ = fit_and_test(cohorts["sequence"], fixture_encoder, cache, task="classification",
+                             label_column="sequence", folds=3, label_fraction=0.5)
+    assert result.metrics["training_subjects"] == 12  # half of the 24 labelled training cases, stratified
+    assert result.metrics["cross_validation"]["folds"] == 3
+    assert 0 <= result.metrics["cross_validation"]["accuracy"]["mean"] <= 1
+
+
 def test_attention_pooling_classification_learns(cohorts, fixture_encoder, cache):
     result, evaluation = fit_and_test(cohorts["sequence"], fixture_encoder, cache, task="classification",
                                       label_column="sequence", pooling="attention")
@@ -82,11 +93,13 @@ def test_attention_pooling_classification_learns(cohorts, fixture_encoder, cache
     assert evaluation.metrics["macro_auc"] >= 0.68, evaluation.metrics  # measured 0.76
 
 
-def test_atrophy_regression_correlates_on_held_out_cases(cohorts, fixture_encoder, cache):
+def test_atrophy_regression_correlates_on_held_out_cases(cohorts, fixture_encoder, cache, tmp_path):
     result, evaluation = fit_and_test(cohorts["atrophy"], fixture_encoder, cache, task="regression",
                                       target_column="atrophy")
     metrics = evaluation.metrics
     assert metrics["pearson_r"] >= 0.6 and metrics["r2"] > 0.3, metrics  # measured 0.86, 0.72
+    written = write_report(tmp_path, evaluation, result.head)
+    assert {p.name for p in written} == {"metrics.json", "metrics.csv", "predictions.csv", "predicted_vs_true.png"}
     assert metrics["mae"] < metrics["mae_of_mean_predictor"], metrics
 
 
@@ -95,6 +108,7 @@ def test_multimodal_survival_orders_risk_above_chance(cohorts, fixture_encoder, 
     assert result.head.card.modalities == ("image_t1", "image_flair")
     assert evaluation.metrics["c_index"] >= 0.65, evaluation.metrics  # measured 0.83; chance 0.5
     assert "median_risk" in result.head.card.extra and np.isfinite(evaluation.metrics["logrank_statistic"])
+    assert (write_report(tmp_path, evaluation, result.head)[-1]).name == "kaplan_meier.png"
     one = Manifest.read(cohorts["survival"]).rows[-1]
     with pytest.raises(BrainDINOError, match="needs 2 volume"):
         features = FeatureSource.for_head(result.head, fixture_encoder, cache)

@@ -49,12 +49,14 @@ def few_shot_segment(features: VolumeFeatures, labels: np.ndarray, slice_indices
     source = features.source or "features"
     if labels.shape != tuple(features.slices.volume_shape):
         raise BrainDINOError("labels", f"shape {labels.shape} is not the volume grid {features.slices.volume_shape}")
-    if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
-        raise BrainDINOError("labels", "must be non-negative integers (0 = background)")
     if not slice_indices:
         raise BrainDINOError("slice_indices", "give at least one labelled slice")
     slice_indices = sorted({int(k) for k in slice_indices})
+    if not all(0 <= k < labels.shape[0] for k in slice_indices):
+        raise BrainDINOError("slice_indices", f"{slice_indices} outside the volume's {labels.shape[0]} axial slices")
     labelled = labels[slice_indices]
+    if not np.issubdtype(labels.dtype, np.integer) or labelled.min() < 0:
+        raise BrainDINOError("labels", "must be non-negative integers on the labelled slices (0 = background)")
     values = sorted({0, *np.unique(labelled).tolist()})
     if len(values) < 2:
         raise BrainDINOError("labels", f"slices {slice_indices} hold no labels other than background")
