@@ -10,8 +10,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-import torch
-
 from ..cache import FeatureCache
 from ..encoder import Encoder
 from ..features import VolumeFeatures
@@ -21,6 +19,7 @@ from .fitting import (FeatureSource, FitConfig, Manifest, SubjectData, read_labe
 from .head import Head
 from .metrics import segmentation_metrics, write_metrics, write_predictions
 from .segmentation import segment
+from .subject import class_probabilities, interpret, regression_values
 from .survival import risk_groups
 from .training import History
 
@@ -74,24 +73,20 @@ def evaluate(head: Head, manifest: Manifest, encoder: Encoder, cache: FeatureCac
     data = SubjectData(subject_bags(manifest, rows, images, source), y, event)
     metrics, outputs = subject_metrics(head, data)
     metrics = {"task": card.task, "subjects": len(rows), **metrics}
-    predictions = []
     arrays = {"truth": y, "outputs": outputs, "event": event}
-    for n, row in enumerate(rows):
-        entry = {"case": manifest.case_id(row)}
-        if card.task in ("classification", "knn"):
-            probabilities = torch.softmax(torch.as_tensor(outputs[n]), 0).numpy() if card.task == "classification" \
-                else outputs[n]
-            entry.update(truth=card.class_names[y[n]], predicted=card.class_names[int(np.argmax(probabilities))],
-                         **{f"p[{c}]": float(p) for c, p in zip(card.class_names, probabilities)})
-            arrays.setdefault("probabilities", []).append(probabilities)
-        elif card.task == "regression":
-            entry.update(truth=float(y[n]), predicted=float(outputs[n, 0] * card.extra["target_std"]
-                                                           + card.extra["target_mean"]))
-        else:
-            entry.update(time=float(y[n]), event=int(event[n]), risk=float(outputs[n, 0]),
-                         risk_group="high" if outputs[n, 0] > card.extra["median_risk"] else "low")
-        predictions.append(entry)
-    if card.task == "survival":
+    predictions = [{"case": manifest.case_id(row)} for row in rows]
+    if card.task in ("classification", "knn"):
+        arrays["probabilities"] = class_probabilities(card, outputs)
+        for entry, truth, p in zip(predictions, y, arrays["probabilities"]):
+            entry.update(truth=card.class_names[truth], predicted=card.class_names[int(np.argmax(p))],
+                         **{f"p[{c}]": float(x) for c, x in zip(card.class_names, p)})
+    elif card.task == "regression":
+        arrays["predicted"] = regression_values(card, outputs)
+        for entry, truth, value in zip(predictions, y, arrays["predicted"]):
+            entry.update(truth=float(truth), predicted=float(value))
+    else:
+        for entry, time, observed, result in zip(predictions, y, event, interpret(card, outputs)):
+            entry.update(time=float(time), event=int(observed), **result)
         groups = risk_groups(y, event, outputs[:, 0], card.extra["median_risk"])
         metrics.update(logrank_p=groups.logrank_p, logrank_statistic=groups.logrank_statistic,
                        high_risk_subjects=int(groups.high.sum()))
@@ -111,13 +106,12 @@ def write_report(folder: str | Path, evaluation: Evaluation, head: Head, history
                                              folder / "learning_curves.png"))
     arrays, task = evaluation.arrays, head.card.task
     if task in ("classification", "knn") and "probabilities" in arrays:
-        probabilities = np.asarray(arrays["probabilities"])
-        written.append(plots.roc_curves(arrays["truth"], probabilities, head.card.class_names, folder / "roc.png"))
+        written.append(plots.roc_curves(arrays["truth"], arrays["probabilities"], head.card.class_names,
+                                        folder / "roc.png"))
         written.append(plots.confusion(evaluation.metrics["confusion_matrix"], head.card.class_names,
                                        folder / "confusion_matrix.png"))
-    elif task == "regression" and "truth" in arrays:
-        predicted = arrays["outputs"][:, 0] * head.card.extra["target_std"] + head.card.extra["target_mean"]
-        written.append(plots.predicted_vs_true(arrays["truth"], predicted, folder / "predicted_vs_true.png"))
+    elif task == "regression" and "predicted" in arrays:
+        written.append(plots.predicted_vs_true(arrays["truth"], arrays["predicted"], folder / "predicted_vs_true.png"))
     elif task == "survival" and "groups" in arrays:
         written.append(plots.kaplan_meier(arrays["groups"], folder / "kaplan_meier.png"))
     return written

@@ -36,7 +36,7 @@ from .head import Head
 from .knn import DEFAULT_K_SWEEP, KNNHead, subject_vector, sweep_k
 from .metrics import classification_metrics, regression_metrics
 from .segmentation import make_segmentation_module, patch_inputs, soft_cross_entropy, soft_targets
-from .subject import Bag, SubjectHead, slice_tokens, subject_outputs
+from .subject import Bag, SubjectHead, class_probabilities, regression_values, slice_tokens, subject_outputs
 from .survival import c_index, cox_partial_likelihood_loss
 from .training import History, TrainConfig, train_module
 
@@ -282,15 +282,11 @@ def _fit_subject_module(data: SubjectData, val: SubjectData | None, config: FitC
 def subject_metrics(head: Head, data: SubjectData) -> tuple[dict, np.ndarray]:
     """Metrics of `head` on subjects `data`, and its raw outputs."""
     outputs = subject_outputs(head, data.bags)
-    task = head.card.task
-    if task == "classification":
-        probabilities = torch.softmax(torch.as_tensor(outputs), dim=1).numpy()
-        return classification_metrics(data.y, probabilities, head.card.class_names), outputs
-    if task == "knn":
-        return classification_metrics(data.y, outputs, head.card.class_names), outputs
-    if task == "regression":
-        predicted = outputs[:, 0] * head.card.extra["target_std"] + head.card.extra["target_mean"]
-        return regression_metrics(data.y, predicted), outputs
+    card = head.card
+    if card.task in ("classification", "knn"):
+        return classification_metrics(data.y, class_probabilities(card, outputs), card.class_names), outputs
+    if card.task == "regression":
+        return regression_metrics(data.y, regression_values(card, outputs)), outputs
     return {"c_index": c_index(data.y, outputs[:, 0], data.event), "events": int(data.event.sum()),
             "subjects": len(data.y)}, outputs
 

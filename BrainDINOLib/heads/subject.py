@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from ..errors import BrainDINOError
 from ..features import VolumeFeatures
+from .card import HeadCard
 from .head import Head, register_kind
 
 Bag = list[Tensor]  # one subject: slice tokens [S_m, F] per modality
@@ -87,19 +88,16 @@ class SubjectHead(nn.Module):
         return self.mlp(torch.stack([self.embed(bag) for bag in bags]))
 
 
-def subject_bag(head_modalities: Sequence[str], features: VolumeFeatures | Sequence[VolumeFeatures],
-                encoder_id: str, task: str) -> Bag:
-    """Check one subject's features (one per modality, right encoder) and turn them into slice tokens."""
+def subject_bag(card: HeadCard, features: VolumeFeatures | Sequence[VolumeFeatures]) -> Bag:
+    """Check one subject's features (one per modality, from the head's encoder) and make slice tokens."""
     items = [features] if isinstance(features, VolumeFeatures) else list(features)
-    expected = max(1, len(head_modalities))
+    expected = max(1, len(card.modalities))
     if len(items) != expected:
-        names = ", ".join(head_modalities) or "one volume"
-        raise BrainDINOError("input", f"this {task} head needs {expected} volume(s) per subject ({names}), "
+        names = ", ".join(card.modalities) or "one volume"
+        raise BrainDINOError("input", f"this {card.task} head needs {expected} volume(s) per subject ({names}), "
                                       f"got {len(items)}")
     for item in items:
-        if item.model_id != encoder_id:
-            raise BrainDINOError(item.source or "features", f"come from encoder {item.model_id}, but this {task} "
-                                                            f"head was fitted on {encoder_id}; use that encoder")
+        card.check_encoder(item.model_id, item.source or None)
     return [slice_tokens(item) for item in items]
 
 
@@ -110,19 +108,28 @@ def subject_outputs(head: Head, bags: Sequence[Bag]) -> np.ndarray:
     return head.module(bags).numpy().astype(np.float64)
 
 
-def interpret(head: Head, output: np.ndarray) -> dict:
-    """One subject's raw output as a readable prediction dict."""
-    card = head.card
+def class_probabilities(card: HeadCard, outputs: np.ndarray) -> np.ndarray:
+    """Classification logits -> softmax probabilities; kNN outputs already are vote fractions. [N, K]"""
+    if card.task == "knn":
+        return outputs
+    shifted = np.exp(outputs - outputs.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+def regression_values(card: HeadCard, outputs: np.ndarray) -> np.ndarray:
+    """Standardised regression outputs [N, 1] -> values in the target's units [N]."""
+    return outputs[:, 0] * card.extra["target_std"] + card.extra["target_mean"]
+
+
+def interpret(card: HeadCard, outputs: np.ndarray) -> list[dict]:
+    """Raw outputs of subjects [N, out] as readable prediction dicts."""
     if card.task in ("classification", "knn"):
-        probabilities = np.exp(output - output.max()) / np.exp(output - output.max()).sum() \
-            if card.task == "classification" else output
-        best = int(np.argmax(probabilities))
-        return {"class": card.classes[best].name, "probabilities": {c.name: float(p) for c, p in
-                                                                   zip(card.classes, probabilities)}}
+        return [{"class": card.classes[int(np.argmax(p))].name,
+                 "probabilities": {c.name: float(x) for c, x in zip(card.classes, p)}}
+                for p in class_probabilities(card, outputs)]
     if card.task == "regression":
-        return {"value": float(output[0] * card.extra["target_std"] + card.extra["target_mean"])}
-    risk = float(output[0])
-    return {"risk": risk, "risk_group": "high" if risk > card.extra["median_risk"] else "low"}
+        return [{"value": float(v)} for v in regression_values(card, outputs)]
+    return [{"risk": float(r), "risk_group": "high" if r > card.extra["median_risk"] else "low"} for r in outputs[:, 0]]
 
 
 def predict_subject(head: Head, features_list: VolumeFeatures | Sequence[VolumeFeatures]) -> dict:
@@ -131,5 +138,4 @@ def predict_subject(head: Head, features_list: VolumeFeatures | Sequence[VolumeF
     card = head.card
     if card.task == "segmentation":
         raise BrainDINOError(card.task, "this is a segmentation head; use segment()")
-    bag = subject_bag(card.modalities, features_list, card.encoder_id, card.task)
-    return interpret(head, subject_outputs(head, [bag])[0])
+    return interpret(card, subject_outputs(head, [subject_bag(card, features_list)]))[0]
