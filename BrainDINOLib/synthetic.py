@@ -156,8 +156,9 @@ def random_warp(shape: tuple[int, int, int], rng: np.random.Generator, config: C
     angles = rng.uniform(-config.rotation_deg, config.rotation_deg, 3)
     matrix = Rotation.from_euler("xyz", angles, degrees=True).as_matrix()
     matrix = matrix @ np.diag(1 + rng.uniform(-config.scaling, config.scaling, 3))
-    offset = centre - matrix @ centre + rng.uniform(-config.translation_mm, config.translation_mm, 3) / config.spacing_mm
-    coords = np.einsum("ij,j...->i...", matrix.astype(np.float32), grid) + offset.astype(np.float32)[:, None, None, None]
+    shift = rng.uniform(-config.translation_mm, config.translation_mm, 3) / config.spacing_mm
+    offset = (centre - matrix @ centre + shift).astype(np.float32)
+    coords = np.einsum("ij,j...->i...", matrix.astype(np.float32), grid) + offset[:, None, None, None]
     coarse = tuple(max(2, n // 10) for n in shape)
     for axis in range(3):
         control = ndimage.gaussian_filter(rng.normal(size=coarse), 1.0)
@@ -256,10 +257,12 @@ def generate_case(task: str, index: int, seed: int = 0, config: CaseConfig = Cas
         if task == "survival":
             hazard = config.baseline_hazard * np.exp(config.hazard_beta * (volume_ml - 20.0) / 15.0)
             event_time, censor_time = rng.exponential(1 / hazard), rng.uniform(0, config.max_censoring)
-            case.targets.update(time=round(float(min(event_time, censor_time)), 3), event=int(event_time <= censor_time))
+            case.targets.update(time=round(float(min(event_time, censor_time)), 3),
+                                event=int(event_time <= censor_time))
     if task == "atrophy":
         atrophy = float(rng.uniform(*config.atrophy_range))
-        fractions["csf"], fractions["gm"] = fractions["csf"] + atrophy * fractions["gm"], (1 - atrophy) * fractions["gm"]
+        fractions["csf"] = fractions["csf"] + atrophy * fractions["gm"]
+        fractions["gm"] = (1 - atrophy) * fractions["gm"]
         case.targets["atrophy"] = round(atrophy, 4)
     if task == "tissue":
         stacked = np.stack([1 - fractions["csf"] - fractions["gm"] - fractions["wm"], fractions["csf"],

@@ -20,26 +20,28 @@ def _cache(args: argparse.Namespace):
     return None if args.no_cache else FeatureCache(args.cache_dir)
 
 
-def _column_config(args: argparse.Namespace, task: str):
-    """A `FitConfig` carrying the manifest column names (and fitting options where the command has them)."""
+# Command-line option -> field of `TrainConfig` / `FitConfig` (an option a command lacks keeps the default).
+TRAINING_OPTIONS = {"epochs": "max_epochs", "lr": "learning_rate", "batch": "batch_size", "patience": "patience",
+                    "seed": "seed"}
+FIT_OPTIONS = ("kind", "pooling", "hidden", "layers", "image_size", "image_columns", "label_column", "target_column",
+               "time_column", "event_column", "val_fraction", "folds", "label_fraction", "seed")
+
+
+def _fit_config(args: argparse.Namespace, task: str):
+    """A `FitConfig` from the options this command has: manifest columns, and fitting options for fit-head."""
+    from ..errors import BrainDINOError
     from ..heads import FitConfig, TrainConfig
 
+    options = vars(args)
     class_names = None
-    if getattr(args, "classes", None):
-        from ..errors import BrainDINOError
+    if options.get("classes"):
         if not args.classes.is_file():
             raise BrainDINOError(args.classes, "no such class-name file")
         class_names = [line.strip() for line in args.classes.read_text().splitlines() if line.strip()]
-    training = TrainConfig(max_epochs=getattr(args, "epochs", 200), learning_rate=getattr(args, "lr", 1e-3),
-                           batch_size=getattr(args, "batch", 32), patience=getattr(args, "patience", 30),
-                           seed=getattr(args, "seed", 0))
-    return FitConfig(task=task, kind=getattr(args, "kind", ""), pooling=getattr(args, "pooling", "mean"),
-                     layers=getattr(args, "layers", ()), image_size=getattr(args, "image_size", None),
-                     image_columns=args.image_columns, label_column=args.label_column,
-                     target_column=args.target_column, time_column=args.time_column, event_column=args.event_column,
-                     class_names=class_names, val_fraction=getattr(args, "val_fraction", 0.2),
-                     folds=getattr(args, "folds", 0), label_fraction=getattr(args, "label_fraction", 1.0),
-                     seed=getattr(args, "seed", 0), training=training)
+    training = TrainConfig(**{field: options[option] for option, field in TRAINING_OPTIONS.items()
+                              if option in options})
+    return FitConfig(task=task, class_names=class_names, training=training,
+                     **{option: options[option] for option in FIT_OPTIONS if option in options})
 
 
 def _print_scalars(title: str, metrics: dict) -> None:
@@ -54,7 +56,7 @@ def run_fit_head(args: argparse.Namespace) -> int:
 
     manifest = Manifest.read(args.manifest)
     encoder = load_encoder(args.model, device=args.device)
-    config = _column_config(args, args.task)
+    config = _fit_config(args, args.task)
     cache = _cache(args)
     report = args.report or args.out.with_name(args.out.name.split(".")[0] + "_report")
     started = time.perf_counter()
@@ -86,7 +88,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     progress, bar = tqdm_progress("cases", unit="case")
     with bar:
         evaluation = evaluate(head, manifest, encoder, _cache(args), split=None if args.split == "all" else args.split,
-                              columns=_column_config(args, head.card.task), progress=progress)
+                              columns=_fit_config(args, head.card.task), progress=progress)
     written = write_report(args.report, evaluation, head)
     _print_scalars(f"{head.card.task} ({evaluation.metrics.get('subjects', evaluation.metrics.get('cases'))} cases)",
                    evaluation.metrics)
@@ -144,7 +146,8 @@ def _write_predictions(results: list[dict], out: Path | None) -> None:
     if out is None:
         print(json.dumps(results, indent=2))
     elif out.suffix == ".csv":
-        rows = [{"volumes": ";".join(r["volumes"]), **{k: v for k, v in r.items() if k not in ("volumes", "probabilities")},
+        rows = [{"volumes": ";".join(r["volumes"]),
+                 **{k: v for k, v in r.items() if k not in ("volumes", "probabilities")},
                  **{f"p[{c}]": p for c, p in r.get("probabilities", {}).items()}} for r in results]
         write_predictions(rows, out)
         print(f"wrote {out}")
@@ -199,7 +202,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     fit.add_argument("--report", type=Path, default=None, help="metrics and plots folder (default: <out>_report)")
     fit.add_argument("--kind", default="", choices=("", "linear", "decoder"), help="segmentation head (default linear)")
     fit.add_argument("--pooling", default="mean", choices=("mean", "attention"), help="subject pooling (default mean)")
-    fit.add_argument("--layers", type=parse_layers, default=(), help="segmentation: blocks to concatenate, e.g. 2,5,8,11")
+    fit.add_argument("--hidden", type=int, default=256, help="subject heads: MLP width; 0 = linear (default 256)")
+    fit.add_argument("--layers", type=parse_layers, default=(),
+                     help="segmentation: blocks to concatenate, e.g. 2,5,8,11")
     fit.add_argument("--image-size", type=int, default=None, help="model input size (default: the model's)")
     fit.add_argument("--classes", type=Path, default=None, help="segmentation: class names by label value, one a line")
     fit.add_argument("--val-fraction", type=float, default=0.2, help="validation share for early stopping (0.2)")

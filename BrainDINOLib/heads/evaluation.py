@@ -100,7 +100,8 @@ def write_report(folder: str | Path, evaluation: Evaluation, head: Head, history
     folder = Path(folder)
     written = list(write_metrics(evaluation.metrics, folder, stem))
     if evaluation.predictions:
-        written.append(write_predictions(evaluation.predictions, folder / f"{stem.replace('metrics', 'predictions')}.csv"))
+        name = stem.replace("metrics", "predictions") + ".csv"
+        written.append(write_predictions(evaluation.predictions, folder / name))
     if history is not None and history.train_loss:
         written.append(plots.learning_curves(history.train_loss, history.val_loss, history.best_epoch,
                                              folder / "learning_curves.png"))

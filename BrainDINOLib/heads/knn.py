@@ -1,8 +1,8 @@
 """kNN probe: cosine k-nearest-neighbour classification of subjects on mean-pooled slice tokens.
 
-No training: the head stores the standardised (per-feature z-score), L2-normalised subject vectors of the fitting set and their
-classes; a subject gets the vote fractions of its k most similar stored subjects. `sweep_k` scores a range
-of k on validation subjects so fitting can pick one (and report the sweep).
+No training: the head stores the standardised (per-feature z-score), L2-normalised subject vectors of the
+fitting set and their classes; a subject gets the vote fractions of its k most similar stored subjects.
+`sweep_k` scores a range of k on validation subjects so fitting can pick one (and report the sweep).
 """
 from __future__ import annotations
 
@@ -55,7 +55,8 @@ class KNNHead(nn.Module):
         return self.votes(torch.stack([subject_vector(b) for b in bags]), self.k)
 
 
-def sweep_k(head: KNNHead, vectors: Tensor, labels: np.ndarray, ks: Sequence[int] = DEFAULT_K_SWEEP) -> dict[int, float]:
+def sweep_k(head: KNNHead, vectors: Tensor, labels: np.ndarray,
+            ks: Sequence[int] = DEFAULT_K_SWEEP) -> dict[int, float]:
     """Accuracy on (vectors, labels) for each k that the stored set allows."""
     out = {}
     for k in ks:
