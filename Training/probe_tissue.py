@@ -7,9 +7,10 @@ regression (standardised features, label = majority class of the patch's voxels)
 scored: patch probabilities are upsampled bilinearly to voxels, argmax, Dice per class against the voxel
 labels, mean over CSF, GM and WM.
 
-Three feature sets, same probe:
+Feature sets, same probe:
 - the model (frozen patch tokens after the final norm),
-- the same architecture at random initialisation (seed 0),
+- the same architecture at random initialisation: timm's (seed 0) and, for models trained here, the run's
+  own initial weights (rebuilt from the config in the model card),
 - raw intensities: the patch's own normalised pixels (patch_size^2 values).
 
     .venv/bin/python Training/probe_tissue.py --model demo [--image-size 224] [--json out.json]
@@ -34,6 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from BrainDINOLib import Encoder, PreprocessConfig, SliceStack, load_encoder, read_volume  # noqa: E402
 from BrainDINOLib.atomic import write_text_atomic  # noqa: E402
 from BrainDINOLib.embedding import default_preprocessing  # noqa: E402
+from BrainDINOLib.training.config import config_from_dict  # noqa: E402
+from BrainDINOLib.training.model import build_network  # noqa: E402
 from BrainDINOLib.training.tissue import CLASS_NAMES, tissue_classes  # noqa: E402
 
 DEFAULT_MNI = Path(__file__).resolve().parents[2] / "shared" / "data" / "mni152_2009a"
@@ -95,6 +98,19 @@ def probe_dice(features: dict[str, np.ndarray], stack: SliceStack, labels: np.nd
     return dice
 
 
+def random_backbones(encoder: Encoder) -> dict[str, torch.nn.Module]:
+    """The same architecture untrained: timm's initialisation (seed 0) and, for a model trained by
+    BrainDINOLib.training (its card holds the run's config), the run's own step-0 weights."""
+    torch.manual_seed(0)
+    backbones = {"same architecture, random init (timm)": encoder.architecture.build()}
+    config = encoder.card.provenance.get("config") if encoder.card else None
+    if config:
+        config = config_from_dict(config)
+        torch.manual_seed(config.run.seed)
+        backbones["same architecture, the run's initial weights"] = build_network(config.model, config.loss).backbone
+    return backbones
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="demo", help="checkpoint or built-in model name (default demo)")
@@ -113,13 +129,11 @@ def main() -> None:
                                    PreprocessConfig.from_dict(config.to_dict()))
     train, test = choose_slices(stack, labels)
 
-    torch.manual_seed(0)
-    random_encoder = Encoder(encoder.architecture.build(), encoder.checkpoint, encoder.device)
-    feature_sets = {
-        f"model ({encoder.model_id})": lambda pos: encoder_features(encoder, stack, pos),
-        "same architecture, random init": lambda pos: encoder_features(random_encoder, stack, pos),
-        "raw intensity patches": lambda pos: raw_patch_features(stack, pos, encoder.patch_size),
-    }
+    feature_sets = {f"model ({encoder.model_id})": lambda pos: encoder_features(encoder, stack, pos)}
+    for name, backbone in random_backbones(encoder).items():
+        random_encoder = Encoder(backbone, encoder.checkpoint, encoder.device)
+        feature_sets[name] = lambda pos, e=random_encoder: encoder_features(e, stack, pos)
+    feature_sets["raw intensity patches"] = lambda pos: raw_patch_features(stack, pos, encoder.patch_size)
     results = {}
     for name, extract in feature_sets.items():
         results[name] = probe_dice({"train": extract(train), "test": extract(test)}, stack, labels, train, test)
