@@ -67,3 +67,15 @@ def test_step_batches_are_a_pure_function_of_seed_step_and_rank(shards):
     assert not torch.equal(first.global_crops[:4], first.global_crops[4:])  # two different views
     # The crops are slices, not noise: each view keeps both background and brain.
     assert float(first.global_crops.amax()) > 1.0 and float(first.global_crops.amin()) < -0.5
+
+
+def test_cli_prepares_slices_and_names_bad_pretraining_input(tmp_path, tmp_path_factory, capsys):
+    from BrainDINOLib.cli import main
+
+    assert main(["prepare-slices", str(two_mm_brain(tmp_path_factory)), "--output", str(tmp_path / "s"),
+                 "--image-size", "32"]) == 0
+    assert "1 volumes" in capsys.readouterr().out and (tmp_path / "s" / "index.json").exists()
+    assert main(["pretrain", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml" in capsys.readouterr().err
+    assert main(["pretrain", "--config", str(MICRO_CONFIG), "--set", f"data.shards={tmp_path}"]) == 2
+    assert "not a slice-shard folder" in capsys.readouterr().err

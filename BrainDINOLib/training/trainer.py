@@ -156,13 +156,13 @@ def _pretrain(config: TrainConfig, context: Distributed, resume: bool,
     run, optim = config.run, config.optim
     if run.num_threads:
         torch.set_num_threads(run.num_threads)
+    if not config.data.shards:
+        raise BrainDINOError("config", "data.shards is not set (a folder written by braindino prepare-slices)")
+    shards = SliceShards(config.data.shards)
     output = Path(run.output_dir)
     if context.is_main:
         output.mkdir(parents=True, exist_ok=True)
         write_text_atomic(output / "config.yaml", config.to_yaml())
-    if not config.data.shards:
-        raise BrainDINOError("config", "data.shards is not set (a folder written by braindino prepare-slices)")
-    shards = SliceShards(config.data.shards)
 
     # Networks: identical initialisation on every rank; the teacher starts as a copy and never gets gradients.
     torch.manual_seed(run.seed)
