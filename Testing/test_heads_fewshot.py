@@ -86,3 +86,14 @@ def test_decoder_head_predicts_on_a_finer_grid_and_reloads(tissue_case, tmp_path
     assert result.head.module.upscale == 4 and reloaded.card.kind == "decoder"
     assert np.array_equal(again.array, result.labels.array)
     assert set(np.unique(result.labels.array)) <= {0, 1, 2, 3}
+
+
+def test_few_shot_reports_progress_and_can_be_cancelled(tissue_case):
+    from BrainDINOLib import CancelledError
+    features, labels, brain = tissue_case
+    seen = []
+    with single_thread():
+        few_shot_segment(features, labels, brain[:2], progress=lambda done, total: seen.append((done, total)))
+        with pytest.raises(CancelledError):
+            few_shot_segment(features, labels, brain[:2], cancel=lambda: True)
+    assert seen[-1][0] == seen[-1][1] and len(seen) == seen[-1][1]
