@@ -97,3 +97,13 @@ def test_few_shot_reports_progress_and_can_be_cancelled(tissue_case):
         with pytest.raises(CancelledError):
             few_shot_segment(features, labels, brain[:2], cancel=lambda: True)
     assert seen[-1][0] == seen[-1][1] and len(seen) == seen[-1][1]
+
+
+def test_largest_component_cleanup_drops_islands():
+    from BrainDINOLib.heads import keep_largest_components
+    labels = np.zeros((8, 8, 8), np.uint8)
+    labels[1:4, 1:4, 1:4] = 2  # 27 voxels
+    labels[6, 6, 6] = 2  # an island of the same label
+    labels[5:7, 0:2, 0:2] = 1  # another label: kept
+    cleaned = keep_largest_components(labels)
+    assert cleaned[6, 6, 6] == 0 and (cleaned == 2).sum() == 27 and (cleaned == 1).sum() == 8
