@@ -8,7 +8,6 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-import torch
 
 from BrainDINOLib.synthetic import CaseConfig, make_cases
 
@@ -27,12 +26,3 @@ def make_cohort(root: Path, task: str, train: int, test: int, **kwargs) -> Path:
     return manifest
 
 
-class single_thread:
-    """Run torch on one thread (the test machine's cores are shared; oversubscription is 10x slower)."""
-
-    def __enter__(self):
-        self.threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-
-    def __exit__(self, *exc):
-        torch.set_num_threads(self.threads)

@@ -15,14 +15,14 @@ from BrainDINOLib import read_volume
 from BrainDINOLib.cli import main
 from BrainDINOLib.heads import load_head
 from BrainDINOLib.heads.metrics import dice_per_class
-from heads_helpers import single_thread
+from BrainDINOLib.threads import torch_threads
 
 
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory, teacher_checkpoint):
     root = tmp_path_factory.mktemp("cli")
     model = ["--model", str(teacher_checkpoint), "--device", "cpu", "--cache-dir", str(root / "cache")]
-    with single_thread():
+    with torch_threads(1):
         assert main(["make-cases", "--task", "tissue", "--out", str(root / "cases"), "--train", "3", "--test", "2",
                      "--spacing", "3"]) == 0
         assert main(["fit-head", "--task", "segmentation", "--manifest", str(root / "cases" / "cases.csv"),
@@ -51,7 +51,7 @@ def test_segment_and_predict_write_label_volumes_on_the_input_grid(fitted):
     root, model = fitted
     image = sorted((root / "cases").glob("*-0004_T1.nii.gz"))[0]
     truth = read_volume(sorted((root / "cases").glob("*-0004_labels.nii.gz"))[0]).array
-    with single_thread():
+    with torch_threads(1):
         assert main(["segment", str(root / "tissue.safetensors"), str(image), "--out", str(root / "seg.nii.gz"),
                      *model]) == 0
         assert main(["predict", str(root / "tissue.safetensors"), str(image), str(image), "--out",
@@ -71,7 +71,7 @@ def test_segment_and_predict_write_label_volumes_on_the_input_grid(fitted):
 
 def test_evaluate_command_and_bad_inputs(fitted, capsys):
     root, model = fitted
-    with single_thread():
+    with torch_threads(1):
         assert main(["evaluate", str(root / "tissue.safetensors"), "--manifest", str(root / "cases" / "cases.csv"),
                      "--report", str(root / "eval"), *model]) == 0
     assert json.loads((root / "eval" / "metrics.json").read_text())["cases"] == 2

@@ -17,13 +17,13 @@ from BrainDINOLib.heads import few_shot_segment, load_head, save_head, segment
 from BrainDINOLib.heads.head import module_state_equal
 from BrainDINOLib.heads.metrics import dice_per_class
 from BrainDINOLib.synthetic import CaseConfig, TISSUE_CLASSES, generate_case
-from heads_helpers import single_thread
+from BrainDINOLib.threads import torch_threads
 
 
 @pytest.fixture(scope="module")
 def tissue_case(fixture_encoder):
     case = generate_case("tissue", 0, seed=7, config=replace(CaseConfig(), spacing_mm=2.0))
-    with single_thread():
+    with torch_threads(1):
         features = embed_volume(case.images["T1"], fixture_encoder, PreprocessConfig(image_size=224), layers=(0, 1, 2))
     labels = case.labels.array.astype(np.int64)
     area = (labels > 0).sum(axis=(1, 2))
@@ -35,7 +35,7 @@ def tissue_case(fixture_encoder):
 def test_few_shot_segmentation_reaches_measured_dice_on_held_out_slices(tissue_case, count):
     features, labels, brain = tissue_case
     labelled = [brain[int(len(brain) * (i + 0.5) / count)] for i in range(count)]
-    with single_thread():
+    with torch_threads(1):
         result = few_shot_segment(features, labels, labelled, class_names=TISSUE_CLASSES)
     held_out = [k for k in brain if k not in labelled]
     dice = dice_per_class(result.labels.array[held_out], labels[held_out], [1, 2, 3])
@@ -49,7 +49,7 @@ def test_few_shot_segmentation_reaches_measured_dice_on_held_out_slices(tissue_c
 
 def test_few_shot_head_saves_reloads_bit_identically_and_refuses_other_encoders(tissue_case, tmp_path):
     features, labels, brain = tissue_case
-    with single_thread():
+    with torch_threads(1):
         result = few_shot_segment(features, labels, brain[::10], class_names=TISSUE_CLASSES)
         path = save_head(result.head, tmp_path / "tissue.safetensors")
         reloaded = load_head(path)
@@ -78,7 +78,7 @@ def test_few_shot_rejects_bad_labels(tissue_case):
 def test_decoder_head_predicts_on_a_finer_grid_and_reloads(tissue_case, tmp_path):
     from BrainDINOLib.heads import TrainConfig
     features, labels, brain = tissue_case
-    with single_thread():
+    with torch_threads(1):
         result = few_shot_segment(features, labels, brain[::12], kind="decoder",
                                   config=TrainConfig(max_epochs=15, learning_rate=1e-2, batch_size=0))
         reloaded = load_head(save_head(result.head, tmp_path / "decoder.safetensors"))
@@ -92,7 +92,7 @@ def test_few_shot_reports_progress_and_can_be_cancelled(tissue_case):
     from BrainDINOLib import CancelledError
     features, labels, brain = tissue_case
     seen = []
-    with single_thread():
+    with torch_threads(1):
         few_shot_segment(features, labels, brain[:2], progress=lambda done, total: seen.append((done, total)))
         with pytest.raises(CancelledError):
             few_shot_segment(features, labels, brain[:2], cancel=lambda: True)

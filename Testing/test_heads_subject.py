@@ -20,7 +20,8 @@ from BrainDINOLib.heads import (FitConfig, Manifest, TrainConfig, evaluate, fit_
 from BrainDINOLib.heads.fitting import FeatureSource
 from BrainDINOLib.heads.head import module_state_equal
 from BrainDINOLib.synthetic import SEQUENCES
-from heads_helpers import IMAGE_SIZE, make_cohort, single_thread
+from BrainDINOLib.threads import torch_threads
+from heads_helpers import IMAGE_SIZE, make_cohort
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def fit_and_test(manifest, encoder, cache, **options):
     validation part for early stopping costs more than it saves: train all of them for 60 epochs."""
     options = {"val_fraction": 0.0, **options}
     config = FitConfig(image_size=IMAGE_SIZE, training=TrainConfig(max_epochs=60), **options)
-    with single_thread():
+    with torch_threads(1):
         result = fit_head(Manifest.read(manifest), encoder, config, cache)
         evaluation = evaluate(result.head, Manifest.read(manifest), encoder, cache, columns=config)
     print(config.task, config.pooling, {k: round(v, 3) for k, v in evaluation.metrics.items() if isinstance(v, float)})
@@ -63,7 +64,7 @@ def test_sequence_classification_above_chance_and_reload(cohorts, fixture_encode
     assert reloaded.card.class_names == sorted(SEQUENCES) and reloaded.card.pooling == "mean"
     features = FeatureSource.for_head(reloaded, fixture_encoder, cache)
     test_image = Manifest.read(cohorts["sequence"]).resolve(Manifest.read(cohorts["sequence"]).rows[-1]["image"])
-    with single_thread():
+    with torch_threads(1):
         one = features(test_image)
         assert predict_subject(reloaded, one) == predict_subject(result.head, one)
     prediction = reloaded.predict(one)

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import CancelledError
+from ..threads import torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,7 @@ class TrainConfig:
     batch_size: int = 32  # training items per step (slices or subjects); 0 = the whole set
     patience: int = 30  # stop after this many epochs without a better validation loss
     seed: int = 0
+    threads: int | None = 1  # torch threads while fitting: heads are small, one thread is fastest (threads.py)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -49,6 +51,13 @@ def train_module(module: nn.Module, batch_loss: Callable[[nn.Module, Tensor], Te
                  progress: Callable[[int, int], None] | None = None,
                  cancel: Callable[[], bool] | None = None) -> History:
     """Optimise `module` in place; `batch_loss(module, indices)` is the mean loss of training items `indices`."""
+    with torch_threads(config.threads):
+        return _train(module, batch_loss, num_items, config, val_loss, progress, cancel)
+
+
+def _train(module: nn.Module, batch_loss: Callable[[nn.Module, Tensor], Tensor], num_items: int,
+           config: TrainConfig, val_loss: Callable[[nn.Module], float] | None,
+           progress: Callable[[int, int], None] | None, cancel: Callable[[], bool] | None) -> History:
     generator = torch.Generator().manual_seed(config.seed)
     optimiser = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad],
                                   lr=config.learning_rate, weight_decay=config.weight_decay)
