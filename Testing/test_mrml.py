@@ -15,23 +15,13 @@ from BrainDINOLib import BrainDINOError, read_volume  # noqa: E402
 from BrainDINOLib import mrml  # noqa: E402
 
 from conftest import SAMPLE_T1  # noqa: E402
+from mrml_scene import slicer_scene  # noqa: E402
 
 
 @pytest.fixture
 def scene():
-    """A fresh scene with Slicer's default colour tables, two slice views and the segmentation logic."""
-    scene = slicer.vtkMRMLScene()
-    slicer.mrmlScene = scene
-    colors = slicer.vtkSlicerColorLogic()
-    colors.SetMRMLScene(scene)
-    segmentations = slicer.vtkSlicerSegmentationsModuleLogic()
-    segmentations.SetMRMLScene(scene)
-    for _ in range(2):
-        scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
-    yield scene
-    segmentations.SetMRMLScene(None)
-    colors.SetMRMLScene(None)
-    scene.Clear(True)
+    with slicer_scene(slice_views=2) as scene:
+        yield scene
 
 
 @pytest.fixture(scope="module")

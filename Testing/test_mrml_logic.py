@@ -23,6 +23,8 @@ slicer = pytest.importorskip("slicer")
 from BrainDINOLib import CancelledError, Volume, mrml  # noqa: E402
 
 from conftest import REPO, SAMPLE_T1  # noqa: E402
+from mrml_scene import slicer_scene  # noqa: E402
+from volume_factories import downsampled  # noqa: E402
 
 AAL = REPO / "BrainDINOLib" / "data" / "colin27_aal.nii.gz"
 
@@ -60,11 +62,7 @@ def import_module_file():
 
 def read_coarse(path: Path, interpolator=sitk.sitkLinear, pixel=sitk.sitkFloat32, mm: float = 3.0) -> Volume:
     """The bundled 1 mm Colin27 (or its atlas) on a coarse grid: the whole flow in seconds."""
-    image = sitk.ReadImage(str(path))
-    size = [int(round(s / mm)) for s in image.GetSize()]
-    resampled = sitk.Resample(image, size, sitk.Transform(), interpolator, image.GetOrigin(), (mm, mm, mm),
-                              image.GetDirection(), 0, pixel)
-    return Volume.from_image(resampled, source=path.name)
+    return Volume.from_image(downsampled(path, mm, interpolator, pixel), source=path.name)
 
 
 @pytest.fixture(scope="module")
@@ -74,16 +72,8 @@ def module():
 
 @pytest.fixture(scope="module")
 def scene():
-    scene = slicer.vtkMRMLScene()
-    slicer.mrmlScene = scene
-    colors = slicer.vtkSlicerColorLogic()
-    colors.SetMRMLScene(scene)
-    segmentations = slicer.vtkSlicerSegmentationsModuleLogic()
-    segmentations.SetMRMLScene(scene)
-    scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
-    yield scene
-    segmentations.SetMRMLScene(None)
-    colors.SetMRMLScene(None)
+    with slicer_scene(slice_views=1) as scene:
+        yield scene
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,14 @@ import numpy as np
 import SimpleITK as sitk
 
 
-def downsampled(path: Path, spacing_mm: float = 2.0) -> sitk.Image:
-    """The image at `path` resampled to isotropic `spacing_mm` (linear), keeping its orientation."""
+def downsampled(path: Path, spacing_mm: float = 2.0, interpolator: int = sitk.sitkLinear,
+                pixel: int | None = None) -> sitk.Image:
+    """The image at `path` resampled to isotropic `spacing_mm`, keeping its orientation (and, unless `pixel`
+    is given, its pixel type). Use nearest-neighbour interpolation for label maps."""
     image = sitk.ReadImage(str(path))
     size = [int(round(n * s / spacing_mm)) for n, s in zip(image.GetSize(), image.GetSpacing())]
-    return sitk.Resample(image, size, sitk.Transform(), sitk.sitkLinear, image.GetOrigin(),
-                         [spacing_mm] * 3, image.GetDirection(), 0, image.GetPixelID())
+    return sitk.Resample(image, size, sitk.Transform(), interpolator, image.GetOrigin(),
+                         [spacing_mm] * 3, image.GetDirection(), 0, image.GetPixelID() if pixel is None else pixel)
 
 
 def write_dicom_series(image: sitk.Image, folder: Path, orientation: str) -> Path:
