@@ -7,7 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+import SimpleITK as sitk
+
+from BrainDINOLib.threads import torch_threads
+from volume_factories import downsampled
 
 REPO = Path(__file__).resolve().parents[1]
 PRETRAIN = REPO / "Training" / "pretrain.py"
@@ -39,14 +42,8 @@ _CACHE: dict[str, Path] = {}
 def two_mm_brain(tmp_path_factory) -> Path:
     """The real Colin27 brain (skull-stripped) resampled to 2 mm: small enough for quick tests."""
     if "brain" not in _CACHE:
-        import SimpleITK as sitk
-
-        image = sitk.ReadImage(str(COLIN_BRAIN), sitk.sitkFloat32)
-        size = [int(round(n * s / 2.0)) for n, s in zip(image.GetSize(), image.GetSpacing())]
-        resampled = sitk.Resample(image, size, sitk.Transform(), sitk.sitkLinear, image.GetOrigin(), (2.0,) * 3,
-                                  image.GetDirection(), 0.0, sitk.sitkFloat32)
         path = tmp_path_factory.mktemp("volumes") / "colin27_brain_2mm.nii.gz"
-        sitk.WriteImage(resampled, str(path))
+        sitk.WriteImage(downsampled(COLIN_BRAIN, 2.0, pixel=sitk.sitkFloat32), str(path))
         _CACHE["brain"] = path
     return _CACHE["brain"]
 
@@ -65,7 +62,5 @@ def micro_shards(tmp_path_factory) -> Path:
 @pytest.fixture(autouse=True)
 def single_thread():
     """One torch thread per test: the machine's cores are shared, and oversubscription is very slow."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
