@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .atlas import AAL_TABLE, COLIN27_AAL, COLIN27_T1, LOBES, merge_aal_into_lobes
 from .atomic import write_text_atomic
 from .cache import FeatureCache
 from .embedding import default_preprocessing, embed_volume
@@ -29,10 +30,7 @@ from .volume import Volume, ras_to_lps, read_volume, write_volume
 
 log = logging.getLogger(__name__)
 
-DATA = Path(__file__).parent / "data"
-SAMPLE_T1 = DATA / "colin27_t1.nii.gz"
-SAMPLE_AAL = DATA / "colin27_aal.nii.gz"
-SAMPLE_AAL_TABLE = DATA / "colin27_aal.txt"
+SAMPLE_T1, SAMPLE_AAL, SAMPLE_AAL_TABLE = COLIN27_T1, COLIN27_AAL, AAL_TABLE
 
 
 @dataclass(frozen=True)
@@ -49,19 +47,6 @@ class NamedPoint:
 
 # Inside AAL's Putamen_L on Colin27 (MNI space): 85% of the 7x7x7 mm cube around it is putamen.
 LEFT_PUTAMEN = NamedPoint("left putamen", (-26.0, 2.0, 2.0))
-
-# AAL regions merged into lobes (by region-name prefix, both hemispheres); label = position + 1.
-LOBES: dict[str, tuple[str, ...]] = {
-    "frontal": ("Precentral", "Frontal", "Rolandic_Oper", "Supp_Motor_Area", "Olfactory", "Rectus",
-                "Paracentral_Lobule"),
-    "parietal": ("Postcentral", "Parietal", "SupraMarginal", "Angular", "Precuneus"),
-    "temporal": ("Temporal", "Heschl", "Hippocampus", "ParaHippocampal", "Amygdala", "Fusiform"),
-    "occipital": ("Calcarine", "Cuneus", "Lingual", "Occipital"),
-    "cingulate and insula": ("Cingulum", "Insula"),
-    "deep grey matter": ("Caudate", "Putamen", "Pallidum", "Thalamus"),
-    "cerebellum": ("Cerebelum", "Vermis"),
-}
-
 
 @dataclass(frozen=True)
 class DemoConfig:
@@ -86,19 +71,6 @@ class DemoResult:
     dice: dict[str, float] = field(default_factory=dict)  # lobe -> Dice on the slices the head was not shown
 
 
-def lobe_labels(atlas: np.ndarray, table: Path) -> np.ndarray:
-    """AAL labels [Z, Y, X] -> lobe labels (uint8, 0 = outside the atlas) by the `LOBES` prefixes."""
-    lobes = np.zeros(int(atlas.max()) + 1, dtype=np.uint8)
-    for line in table.read_text().splitlines():
-        if not line.strip():
-            continue
-        value, name = line.split()[:2]
-        for label, prefixes in enumerate(LOBES.values(), start=1):
-            if name.startswith(prefixes) and int(value) < len(lobes):
-                lobes[int(value)] = label
-    return lobes[atlas]
-
-
 def spread_slices(labels: np.ndarray, count: int) -> list[int]:
     """`count` axial slices evenly spread over the middle 80% of the labelled extent."""
     present = np.flatnonzero(labels.any(axis=(1, 2)))
@@ -111,7 +83,7 @@ def _read_atlas(config: DemoConfig, volume: Volume) -> np.ndarray:
     atlas = read_volume(config.atlas)
     if atlas.geometry != volume.geometry:
         raise BrainDINOError(config.atlas, f"is not on the grid of {config.volume}")
-    return lobe_labels(np.rint(atlas.array).astype(np.int64), config.atlas_table)
+    return merge_aal_into_lobes(np.rint(atlas.array).astype(np.int64), config.atlas_table)[0]
 
 
 def run_demo(out: str | Path, config: DemoConfig = DemoConfig(), cache: FeatureCache | None = None,
@@ -153,7 +125,7 @@ def run_demo(out: str | Path, config: DemoConfig = DemoConfig(), cache: FeatureC
                          "clusters.nii.gz")
     with step("few-shot lobe segmentation"):
         shown = spread_slices(lobes, config.labelled_slices)
-        names = ["background", *LOBES]
+        names = ["background", *LOBES]  # the label values of merge_aal_into_lobes
         segmentation = few_shot_segment(features, lobes, shown, class_names=names)
         labels = write(f"lobes from {len(shown)} labelled slices", segmentation.labels, "fewshot_lobes.nii.gz")
         table = "\n".join(f"{value} {name}" for value, name in enumerate(names)) + "\n"

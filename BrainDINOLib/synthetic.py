@@ -1,4 +1,4 @@
-"""A documented generator of labelled brain-MRI cases from the real templates in ../shared/data.
+"""A documented generator of labelled brain-MRI cases from the real templates bundled in BrainDINOLib/data.
 
 There is no labelled clinical cohort here, so heads are tested and benchmarked on cases generated from real
 anatomy, with every target computed, never drawn by hand:
@@ -42,13 +42,13 @@ import SimpleITK as sitk
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
+from .atlas import COLIN27_AAL, COLIN27_T1, LOBES, MNI152_GM, MNI152_T1, MNI152_WM, aal_names, merge_aal_into_lobes
 from .atomic import write_text_atomic
 from .errors import BrainDINOError
 from .volume import Volume, write_volume
 
 log = logging.getLogger(__name__)
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TASKS = ("tissue", "lobes", "aal", "lesion", "sequence", "atrophy", "survival")
 SEQUENCES = ("T1", "T2", "FLAIR", "PD")
 TISSUE_CLASSES = ("background", "CSF", "grey matter", "white matter")
@@ -61,22 +61,6 @@ INTENSITIES = {
     "FLAIR": (0.10, 0.70, 0.50, 1.00, 0.60),
     "PD": (0.85, 0.80, 0.65, 0.90, 0.80),
 }
-
-# AAL (116 regions, Tzourio-Mazoyer 2002 numbering) merged into lobes: name -> label values.
-LOBES = {
-    "frontal": range(1, 29), "limbic": range(29, 43), "occipital": range(43, 55),
-    "temporal": [55, 56, *range(79, 91)], "parietal": range(57, 71), "deep grey": range(71, 79),
-    "cerebellum": range(91, 117),
-}
-
-
-def merge_aal(aal: np.ndarray, groups: dict[str, range | list[int]] = LOBES) -> tuple[np.ndarray, list[str]]:
-    """AAL label values -> group index (1..G, 0 = background) and the names ["background", *groups]."""
-    lookup = np.zeros(max(int(aal.max()), 116) + 1, dtype=np.uint8)
-    for index, values in enumerate(groups.values(), start=1):
-        lookup[list(values)] = index
-    return lookup[aal.astype(np.int64)], ["background", *groups]
-
 
 @dataclass(frozen=True)
 class CaseConfig:
@@ -111,7 +95,7 @@ class Case:
 
 def _read(path: Path) -> sitk.Image:
     if not path.exists():
-        raise BrainDINOError(path, "template missing (see ../shared/data/README.md for where it comes from)")
+        raise BrainDINOError(path, "bundled template missing (see BrainDINOLib/data/README.md for where it comes from)")
     return sitk.ReadImage(str(path), sitk.sitkFloat32)
 
 
@@ -124,9 +108,9 @@ def _downsample(image: sitk.Image, spacing: float, interpolator: int) -> sitk.Im
 @lru_cache(maxsize=4)
 def mni_tissue(spacing: float) -> dict[str, sitk.Image]:
     """MNI152 2009a fractions of CSF, GM and WM (sum <= 1; background is the rest), at `spacing` mm."""
-    t1 = _read(DATA / "mni152_2009a" / "t1.nii.gz")
-    arrays = {"gm": sitk.GetArrayFromImage(_read(DATA / "mni152_2009a" / "gm.nii.gz")) / 255.0,
-              "wm": sitk.GetArrayFromImage(_read(DATA / "mni152_2009a" / "wm.nii.gz")) / 255.0}
+    t1 = _read(MNI152_T1)
+    arrays = {"gm": sitk.GetArrayFromImage(_read(MNI152_GM)) / 255.0,
+              "wm": sitk.GetArrayFromImage(_read(MNI152_WM)) / 255.0}
     brain = sitk.GetArrayFromImage(t1) > 0
     arrays["csf"] = np.clip(brain - arrays["gm"] - arrays["wm"], 0.0, 1.0)
     out = {}
@@ -140,8 +124,8 @@ def mni_tissue(spacing: float) -> dict[str, sitk.Image]:
 @lru_cache(maxsize=4)
 def colin27(spacing: float) -> tuple[sitk.Image, sitk.Image]:
     """Colin27 T1 (with skull) and its AAL labels at `spacing` mm."""
-    t1 = _read(DATA / "colin27" / "ch2.nii.gz")
-    aal = _read(DATA / "colin27" / "aal.nii.gz")
+    t1 = _read(COLIN27_T1)
+    aal = _read(COLIN27_AAL)
     return _downsample(t1, spacing, sitk.sitkLinear), _downsample(aal, spacing, sitk.sitkNearestNeighbor)
 
 
@@ -289,7 +273,7 @@ def _colin_case(task: str, case_id: str, rng: np.random.Generator, config: CaseC
     image *= bias_field(image.shape, rng, config.bias)
     image = add_rician_noise(image, rng, config.noise)
     if task == "lobes":
-        labels, _ = merge_aal(labels)
+        labels, _ = merge_aal_into_lobes(labels)
     return Case(case_id, {"T1": _volume((1000 * image).astype(np.float32), t1, f"{case_id}_T1")},
                 _volume(labels, t1, f"{case_id}_labels"))
 
@@ -303,13 +287,8 @@ def class_names_for(task: str) -> list[str] | None:
     if task == "lobes":
         return ["background", *LOBES]
     if task == "aal":
-        table = DATA / "colin27" / "aal.nii.txt"
-        names = ["background"] + [""] * 116
-        for line in table.read_text().splitlines():
-            parts = line.split()
-            if len(parts) >= 2 and parts[0].isdigit():
-                names[int(parts[0])] = parts[1]
-        return names
+        regions = aal_names()
+        return ["background"] + [regions.get(value, "") for value in range(1, max(regions) + 1)]
     return None
 
 

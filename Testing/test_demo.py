@@ -9,7 +9,8 @@ from matplotlib.image import imread
 from volume_factories import downsampled
 
 from BrainDINOLib.cli import main
-from BrainDINOLib.demo import LEFT_PUTAMEN, LOBES, SAMPLE_AAL, SAMPLE_AAL_TABLE, DemoConfig, lobe_labels, run_demo
+from BrainDINOLib.atlas import LOBES, merge_aal_into_lobes
+from BrainDINOLib.demo import LEFT_PUTAMEN, SAMPLE_AAL, SAMPLE_AAL_TABLE, DemoConfig, run_demo
 from BrainDINOLib.volume import read_volume
 
 
@@ -18,7 +19,7 @@ def test_the_named_point_is_in_the_left_putamen():
     kji = tuple(np.rint(atlas.geometry.lps_to_index(LEFT_PUTAMEN.lps[None])[0]).astype(int))
     names = dict(line.split()[:2] for line in SAMPLE_AAL_TABLE.read_text().splitlines() if line.strip())
     assert names[str(int(atlas.array[kji]))] == "Putamen_L"
-    lobes = lobe_labels(np.rint(atlas.array).astype(np.int64), SAMPLE_AAL_TABLE)
+    lobes, _ = merge_aal_into_lobes(np.rint(atlas.array).astype(np.int64), SAMPLE_AAL_TABLE)
     assert lobes[kji] == list(LOBES).index("deep grey matter") + 1
     assert set(np.unique(lobes)) == set(range(len(LOBES) + 1))  # every AAL region lands in a lobe
     assert ((atlas.array > 0) == (lobes > 0)).all()
