@@ -75,17 +75,22 @@ def test_few_shot_rejects_bad_labels(tissue_case):
         few_shot_segment(features, labels, [0])
 
 
-def test_decoder_head_predicts_on_a_finer_grid_and_reloads(tissue_case, tmp_path):
+def test_decoder_head_learns_on_a_finer_grid_and_reloads(tissue_case, tmp_path):
+    """The decoder predicts on a 4x finer grid than the patches, which is what lets it find thin CSF."""
     from BrainDINOLib.heads import TrainConfig
     features, labels, brain = tissue_case
+    labelled = [brain[int(len(brain) * (i + 0.5) / 5)] for i in range(5)]
     with torch_threads(1):
-        result = few_shot_segment(features, labels, brain[::12], kind="decoder",
-                                  config=TrainConfig(max_epochs=15, learning_rate=1e-2, batch_size=0))
+        result = few_shot_segment(features, labels, labelled, kind="decoder", class_names=TISSUE_CLASSES,
+                                  config=TrainConfig(max_epochs=150, learning_rate=1e-2, batch_size=0))
         reloaded = load_head(save_head(result.head, tmp_path / "decoder.safetensors"))
         again = segment(reloaded, features)
+    held_out = [k for k in brain if k not in labelled]
+    dice = dice_per_class(result.labels.array[held_out], labels[held_out], [1, 2, 3])
     assert result.head.module.upscale == 4 and reloaded.card.kind == "decoder"
     assert np.array_equal(again.array, result.labels.array)
-    assert set(np.unique(result.labels.array)) <= {0, 1, 2, 3}
+    # Measured 0.26 / 0.78 / 0.70 (CSF / grey / white); the linear head gets 0.0 / 0.76 / 0.61.
+    assert dice[1] > 0.15 and dice[2] > 0.7 and dice[3] > 0.62, dice
 
 
 def test_few_shot_reports_progress_and_can_be_cancelled(tissue_case):
