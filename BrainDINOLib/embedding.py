@@ -28,12 +28,18 @@ def default_preprocessing(encoder: Encoder) -> PreprocessConfig:
     return PreprocessConfig()
 
 
-def auto_batch_size(encoder: Encoder, image_size: int, budget_fraction: float = 0.25, most: int = 64) -> int:
+# Largest useful batch per device type. On a CPU, large batches only lose cache locality (ViT-S/16 on 2
+# cores: about 12-14 slices/s at batch 8, 12.6 at 16, 10.6 at 64, 10.8 at 1); GPUs want large batches.
+MAX_BATCH = {"cpu": 8, "mps": 32, "cuda": 128}
+
+
+def auto_batch_size(encoder: Encoder, image_size: int, budget_fraction: float = 0.25) -> int:
     """A batch size whose activations fit in a fraction of the free memory of the encoder's device.
 
     Per image, a ViT block holds roughly 12 N x D floats of activations plus heads x N x N attention
     scores (N tokens); inference keeps about one block alive at a time.
     """
+    most = MAX_BATCH.get(encoder.device.type, 16)
     arch = encoder.architecture
     tokens = (image_size // arch.patch_size) ** 2 + 1 + arch.num_register_tokens
     bytes_per_image = 4 * (12 * tokens * arch.embed_dim + 2 * arch.num_heads * tokens * tokens)
