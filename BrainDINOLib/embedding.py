@@ -1,7 +1,6 @@
 """`embed_volume`: a `Volume` through an `Encoder`, slice batch by slice batch, into `VolumeFeatures`."""
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable, Sequence
 
@@ -9,7 +8,7 @@ import psutil
 import torch
 
 from .cache import FeatureCache, feature_key
-from .encoder import Encoder
+from .encoder import Encoder, autocast_for
 from .errors import CancelledError
 from .features import VolumeFeatures
 from .slices import PreprocessConfig, SliceStack
@@ -50,12 +49,6 @@ def auto_batch_size(encoder: Encoder, image_size: int, budget_fraction: float = 
     return max(1, min(most, int(free * budget_fraction // bytes_per_image)))
 
 
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def embed_volume(volume: Volume, encoder: Encoder, config: PreprocessConfig | None = None,
                  layers: Sequence[int] = (), batch_size: int | None = None, progress: Progress | None = None,
                  cancel: Cancel | None = None, cache: FeatureCache | None = None) -> VolumeFeatures:
@@ -89,7 +82,7 @@ def embed_volume(volume: Volume, encoder: Encoder, config: PreprocessConfig | No
         if cancel is not None and cancel():
             raise CancelledError("embedding cancelled")
         stop = min(total, start + batch_size)
-        with _autocast(encoder.device):
+        with autocast_for(encoder.device):
             tokens = encoder.tokens(stack.batch(start, stop, channels), layers=layers)
         cls[start:stop] = tokens.cls.float().cpu()
         patches[start:stop] = tokens.patches.float().cpu()

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from .atomic import atomic_path
 from .errors import BrainDINOError
-from .slices import PreprocessConfig, SliceGeometry
+from .slices import PreprocessConfig, SliceGeometry, crop_box
 from .volume import Geometry, Volume
 
 FORMAT_VERSION = 1
@@ -49,13 +49,8 @@ class VolumeFeatures:
 
     def patch_foreground(self) -> Tensor:
         """Fraction of each patch's voxels inside the foreground mask, [S, h, w] float32."""
-        row0, col0, rows, cols = self.slices.box
         mask = self.foreground[np.asarray(self.slices.slice_indices)].astype(np.float32)
-        pad = ((0, 0), (max(0, -row0), max(0, row0 + rows - mask.shape[1])),
-               (max(0, -col0), max(0, col0 + cols - mask.shape[2])))
-        padded = np.pad(mask, pad)
-        r, c = row0 + pad[1][0], col0 + pad[2][0]
-        box = torch.from_numpy(np.ascontiguousarray(padded[:, r:r + rows, c:c + cols]))[:, None]
+        box = torch.from_numpy(crop_box(mask, self.slices.box))[:, None]
         return torch.nn.functional.adaptive_avg_pool2d(box, self.grid)[:, 0]
 
     def to_volume(self, per_patch: Tensor | np.ndarray, mode: str = "bilinear", fill: float = 0.0) -> Volume:

@@ -168,15 +168,20 @@ class SliceStack:
         return cls(images, geometry, mask, config)
 
 
-def _resample_box(slices: np.ndarray, box: tuple[int, int, int, int], size: int, background: float,
-                  chunk: int = 32) -> Tensor:
-    """Cut `box` out of each slice (padding with `background` past the edges) and resize it to size x size."""
+def crop_box(slices: np.ndarray, box: tuple[int, int, int, int], background: float = 0.0) -> np.ndarray:
+    """`box` (row0, col0, rows, cols) cut out of every slice [S, Y, X], padded with `background` past the edges."""
     row0, col0, box_rows, box_cols = box
     _, rows, cols = slices.shape
     pad = ((0, 0), (max(0, -row0), max(0, row0 + box_rows - rows)), (max(0, -col0), max(0, col0 + box_cols - cols)))
     padded = np.pad(slices, pad, constant_values=background)
     r, c = row0 + pad[1][0], col0 + pad[2][0]
-    cropped = torch.from_numpy(np.ascontiguousarray(padded[:, r:r + box_rows, c:c + box_cols]))[:, None]
+    return np.ascontiguousarray(padded[:, r:r + box_rows, c:c + box_cols])
+
+
+def _resample_box(slices: np.ndarray, box: tuple[int, int, int, int], size: int, background: float,
+                  chunk: int = 32) -> Tensor:
+    """Cut `box` out of each slice (padding with `background` past the edges) and resize it to size x size."""
+    cropped = torch.from_numpy(crop_box(slices, box, background))[:, None]
     out = torch.empty((cropped.shape[0], 1, size, size), dtype=torch.float32)
     for start in range(0, cropped.shape[0], chunk):
         out[start:start + chunk] = F.interpolate(cropped[start:start + chunk], size=(size, size), mode="bilinear",

@@ -7,7 +7,6 @@ and resumed from its last checkpoint repeats exactly what the lost steps would h
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import json
@@ -22,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from ..atomic import atomic_path, write_text_atomic
+from ..encoder import autocast_for
 from ..errors import BrainDINOError, CancelledError
 from .batches import StepBatch, StepBatches, collate_single, derive_seed
 from .config import TrainConfig, config_from_dict
@@ -78,12 +78,6 @@ def state_digest(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def _to(batch: StepBatch, device: torch.device) -> StepBatch:
     return StepBatch(*(t.to(device, non_blocking=True) for t in (batch.global_crops, batch.local_crops,
                                                                  batch.masks, batch.indices)))
@@ -98,7 +92,7 @@ def training_step(student: torch.nn.Module, teacher: DistillationNetwork, losses
     Returns the losses (detached) and the gradient norm before clipping.
     """
     network = student.module if isinstance(student, DistributedDataParallel) else student
-    with _autocast(batch.global_crops.device):
+    with autocast_for(batch.global_crops.device):
         student_out = student(batch.global_crops, batch.local_crops, batch.masks)
         with torch.no_grad():
             teacher_out = teacher(batch.global_crops, None, batch.masks)
