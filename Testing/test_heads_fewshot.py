@@ -3,7 +3,7 @@
 Case: a generated 2-mm MNI152 tissue case (background / CSF / grey / white matter, a random deformation,
 bias field and noise); encoder: the tiny fixture (random weights) at 224 px with blocks 0, 1, 2.
 Measured on held-out slices of the same volume (3 and 5 labelled slices): grey matter Dice 0.75 / 0.76,
-white matter 0.60 / 0.61 (CSF, thin, is not learned from 7-mm patches of random features).
+white matter 0.59 / 0.63 (CSF, thin, is barely learned from 7-mm patches of random features: 0.03).
 """
 from __future__ import annotations
 
@@ -39,11 +39,12 @@ def test_few_shot_segmentation_reaches_measured_dice_on_held_out_slices(tissue_c
         result = few_shot_segment(features, labels, labelled, class_names=TISSUE_CLASSES)
     held_out = [k for k in brain if k not in labelled]
     dice = dice_per_class(result.labels.array[held_out], labels[held_out], [1, 2, 3])
+    print(f"few-shot linear head, {count} slices: held-out Dice", dice)
 
     assert result.labels.array.shape == labels.shape and result.labels.array.dtype == np.uint8
     assert result.labels.geometry == features.geometry
     assert result.class_names == list(TISSUE_CLASSES)
-    assert dice[2] > 0.65 and dice[3] > 0.5, dice  # grey, white matter: measured 0.75 and 0.60
+    assert dice[2] > 0.65 and dice[3] > 0.5, dice  # grey, white matter: measured 0.75 and 0.59 (3 slices)
     assert set(np.unique(result.labels.array[~features.foreground])) == {0}
 
 
@@ -87,10 +88,11 @@ def test_decoder_head_learns_on_a_finer_grid_and_reloads(tissue_case, tmp_path):
         again = segment(reloaded, features)
     held_out = [k for k in brain if k not in labelled]
     dice = dice_per_class(result.labels.array[held_out], labels[held_out], [1, 2, 3])
+    print("few-shot decoder head, 5 slices: held-out Dice", dice)
     assert result.head.module.upscale == 4 and reloaded.card.kind == "decoder"
     assert np.array_equal(again.array, result.labels.array)
-    # Measured 0.26 / 0.78 / 0.70 (CSF / grey / white); the linear head gets 0.0 / 0.76 / 0.61.
-    assert dice[1] > 0.15 and dice[2] > 0.7 and dice[3] > 0.62, dice
+    # Measured 0.32 / 0.79 / 0.67 (CSF / grey / white); the linear head gets 0.03 / 0.76 / 0.63.
+    assert dice[1] > 0.2 and dice[2] > 0.7 and dice[3] > 0.6, dice
 
 
 def test_few_shot_reports_progress_and_can_be_cancelled(tissue_case):

@@ -18,7 +18,7 @@ from ..features import VolumeFeatures
 from ..volume import Volume
 from .card import HeadCard, make_classes, names_for_values
 from .head import Head
-from .segmentation import (make_segmentation_module, patch_inputs, segment, slice_positions, soft_cross_entropy,
+from .segmentation import (make_segmentation_module, patch_inputs, segment, segmentation_loss, slice_positions,
                            soft_targets)
 from .training import History, TrainConfig, train_module
 
@@ -67,7 +67,7 @@ def few_shot_segment(features: VolumeFeatures, labels: np.ndarray, slice_indices
     targets = soft_targets(labels, features.slices, slice_indices, values, module.upscale)
 
     def batch_loss(m, index):
-        return soft_cross_entropy(m(inputs[index]), targets[index])
+        return segmentation_loss(m(inputs[index]), targets[index])
 
     history = train_module(module, batch_loss, len(slice_indices), config, progress=progress, cancel=cancel)
     log.info("few-shot head on %d slices of %s: loss %.3f", len(slice_indices), source, history.train_loss[-1])

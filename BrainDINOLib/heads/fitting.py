@@ -35,7 +35,7 @@ from .card import HeadCard, make_classes, names_for_values
 from .head import Head
 from .knn import DEFAULT_K_SWEEP, KNNHead, subject_vector, sweep_k
 from .metrics import classification_metrics, regression_metrics
-from .segmentation import make_segmentation_module, patch_inputs, soft_cross_entropy, soft_targets
+from .segmentation import make_segmentation_module, patch_inputs, segmentation_loss, soft_targets
 from .subject import Bag, SubjectHead, class_probabilities, regression_values, slice_tokens, subject_outputs
 from .survival import c_index, cox_partial_likelihood_loss
 from .training import History, TrainConfig, train_module
@@ -428,7 +428,7 @@ def fit_segmentation(manifest: Manifest, encoder: Encoder, config: FitConfig, ca
     val = np.flatnonzero(np.isin(data.case_of_slice, val_cases))
 
     def loss_of(m, index):
-        return soft_cross_entropy(m(data.inputs[index].float()), data.targets[index].float())
+        return segmentation_loss(m(data.inputs[index].float()), data.targets[index].float())
 
     def batch_loss(m, index):
         return loss_of(m, torch.as_tensor(train)[index])
