@@ -9,9 +9,11 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from training_helpers import (MICRO_CONFIG, PRETRAIN, environment, micro_shards, pretrain_command,
                               single_thread)  # noqa: F401
 
@@ -35,6 +37,13 @@ def _tensors(state: dict, prefix: str = "") -> dict[str, torch.Tensor]:
         elif isinstance(value, list):
             out.update(_tensors(dict(enumerate(value)), f"{name}."))
     return out
+
+
+def tensorboard_losses(run: Path) -> list[tuple[int, float]]:
+    """(step, total loss) as TensorBoard reads the run's event files (after any resume purge)."""
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    return [(event.step, event.value) for event in events.Scalars("loss")]
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +71,7 @@ def test_two_gloo_processes_train_and_agree_on_the_checkpoint(two_process_run):
     with open(two_process_run / "metrics.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [int(r["step"]) for r in rows] == [0, 1, 2] and all(float(r["loss"]) > 0 for r in rows)
+    assert tensorboard_losses(two_process_run) == [(int(r["step"]), pytest.approx(float(r["loss"]))) for r in rows]
     assert (two_process_run / "loss_curves.png").stat().st_size > 10_000
 
 
@@ -114,3 +124,5 @@ def test_a_run_killed_with_sigkill_and_resumed_equals_an_uninterrupted_run(tmp_p
         torch.testing.assert_close(resumed[name], reference[name], atol=1e-6, rtol=1e-5, msg=name)
     with open(killed / "metrics.csv", newline="") as handle:
         assert [int(r["step"]) for r in csv.DictReader(handle)] == list(range(STEPS))
+    # TensorBoard too reads as one run: the killed run's steps after its checkpoint are purged on resume.
+    assert [step for step, _ in tensorboard_losses(killed)] == list(range(STEPS))
