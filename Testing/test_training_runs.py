@@ -109,6 +109,9 @@ def test_a_run_killed_with_sigkill_and_resumed_equals_an_uninterrupted_run(tmp_p
     assert not (killed / "final.json").exists(), "the run finished before it could be killed"
     stopped_at = torch.load(killed / CHECKPOINT_NAME, map_location="cpu", weights_only=True)["step"]
     assert 0 < stopped_at < STEPS
+    # TensorBoard orders event files by their creation second, then by process id: a resume within the same
+    # second as the killed run's start (only a test is that fast) would be read before it.
+    time.sleep(1.1)
 
     overrides = [f"data.shards={shards}", f"optim.steps={STEPS}"]
     pretrain(load_config(MICRO_CONFIG, overrides + [f"run.output_dir={killed}"]), resume=True, device="cpu")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from BrainDINOLib import load_encoder, read_volume  # noqa: E402
+from BrainDINOLib import BrainDINOError, load_encoder, read_volume  # noqa: E402
 from BrainDINOLib.atlas import MNI152_GM, MNI152_T1, MNI152_WM  # noqa: E402
 from BrainDINOLib.atomic import write_text_atomic  # noqa: E402
 from BrainDINOLib.embedding import default_preprocessing  # noqa: E402
@@ -55,4 +55,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except BrainDINOError as error:  # bad input: one line, exit code 2, as the braindino command
+        print(f"probe_tissue: error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -35,6 +35,8 @@ class MetricsLog:
             for key, value in row.items():
                 if key != "step":
                     self.tensorboard.add_scalar(key, float(value), int(row["step"]))
+            # Flushed row by row, as the CSV is: a killed run would otherwise lose its buffered events.
+            self.tensorboard.flush()
 
     def _write(self) -> None:
         if not self.rows:

@@ -1,6 +1,6 @@
 """Tissue classes and synthetic contrasts from the MNI152 grey/white-matter probability maps.
 
-The rule (used by the demo model's synthetic training contrasts and by Training/probe_tissue.py):
+The rule (used by the demo model's synthetic training contrasts and by the tissue probe, `probe.py`):
 - grey and white matter probabilities are the maps divided by 255;
 - the intracranial mask is (gm + wm > 0.1), closed with a 3-voxel ball (fills the sulci) and with its
   holes filled (the ventricles);
