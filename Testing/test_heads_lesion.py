@@ -3,8 +3,8 @@ make hard, and that the soft Dice term of the segmentation loss is for.
 
 Encoder: the tiny fixture (random weights) at 224 px, blocks 0-2; decoder head; 4 training / 2 held-out
 FLAIR cases at 3 mm (heads_helpers). Measured held-out Dice: oedema 0.74; the core (a few voxels at 3 mm
-inside 14-mm patches of random features) 0.0. With cross-entropy alone the same kind of head, fitted on
-four default-nuisance cases, predicted no lesion voxel at all (oedema Dice 0).
+inside 14-mm patches of random features) 0.0. With cross-entropy alone, fitted on four default-nuisance
+cases, the heads found almost no lesion: oedema Dice 0.005 (decoder) and 0.0 (linear).
 """
 from __future__ import annotations
 
