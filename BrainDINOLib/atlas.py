@@ -41,8 +41,9 @@ def aal_names(table: Path = AAL_TABLE) -> dict[int, str]:
 
 def merge_aal_into_lobes(aal: np.ndarray, table: Path = AAL_TABLE) -> tuple[np.ndarray, list[str]]:
     """AAL labels -> lobe labels (uint8, 0 = outside the atlas) and the names ["background", *LOBES]."""
-    lookup = np.zeros(max(int(aal.max()), max(aal_names(table))) + 1, dtype=np.uint8)
-    for value, name in aal_names(table).items():
+    names = aal_names(table)
+    lookup = np.zeros(max(int(aal.max()), max(names)) + 1, dtype=np.uint8)
+    for value, name in names.items():
         for label, prefixes in enumerate(LOBES.values(), start=1):
             if name.startswith(prefixes):
                 lookup[value] = label

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atlas import AAL_TABLE, COLIN27_AAL, COLIN27_T1, LOBES, merge_aal_into_lobes
+from .atlas import AAL_TABLE, COLIN27_AAL, COLIN27_T1, merge_aal_into_lobes
 from .atomic import write_text_atomic
 from .cache import FeatureCache
 from .embedding import default_preprocessing, embed_volume
@@ -29,8 +29,6 @@ from .montage import OverlayStyle, Panel, save_report
 from .volume import Volume, ras_to_lps, read_volume, write_volume
 
 log = logging.getLogger(__name__)
-
-SAMPLE_T1, SAMPLE_AAL, SAMPLE_AAL_TABLE = COLIN27_T1, COLIN27_AAL, AAL_TABLE
 
 
 @dataclass(frozen=True)
@@ -52,9 +50,9 @@ LEFT_PUTAMEN = NamedPoint("left putamen", (-26.0, 2.0, 2.0))
 class DemoConfig:
     """What the demo runs on. The defaults are the bundled sample and model; tests shrink them."""
 
-    volume: Path = SAMPLE_T1
-    atlas: Path = SAMPLE_AAL
-    atlas_table: Path = SAMPLE_AAL_TABLE
+    volume: Path = COLIN27_T1
+    atlas: Path = COLIN27_AAL
+    atlas_table: Path = AAL_TABLE
     model: str | Path = "demo"
     device: str | None = "cpu"
     image_size: int | None = None  # None: the model's own
@@ -79,11 +77,12 @@ def spread_slices(labels: np.ndarray, count: int) -> list[int]:
     return sorted({int(round(p)) for p in positions})
 
 
-def _read_atlas(config: DemoConfig, volume: Volume) -> np.ndarray:
+def _read_lobes(config: DemoConfig, volume: Volume) -> tuple[np.ndarray, list[str]]:
+    """The atlas merged into lobe labels on the volume's grid, and the lobe names by label value."""
     atlas = read_volume(config.atlas)
     if atlas.geometry != volume.geometry:
         raise BrainDINOError(config.atlas, f"is not on the grid of {config.volume}")
-    return merge_aal_into_lobes(np.rint(atlas.array).astype(np.int64), config.atlas_table)[0]
+    return merge_aal_into_lobes(np.rint(atlas.array).astype(np.int64), config.atlas_table)
 
 
 def run_demo(out: str | Path, config: DemoConfig = DemoConfig(), cache: FeatureCache | None = None,
@@ -108,7 +107,7 @@ def run_demo(out: str | Path, config: DemoConfig = DemoConfig(), cache: FeatureC
     with step("load model and sample"):
         encoder = load_encoder(config.model, device=config.device)
         volume = read_volume(config.volume)
-        lobes = _read_atlas(config, volume)
+        lobes, names = _read_lobes(config, volume)
     preprocessing = default_preprocessing(encoder)
     if config.image_size:
         preprocessing = replace(preprocessing, image_size=config.image_size)
@@ -125,7 +124,6 @@ def run_demo(out: str | Path, config: DemoConfig = DemoConfig(), cache: FeatureC
                          "clusters.nii.gz")
     with step("few-shot lobe segmentation"):
         shown = spread_slices(lobes, config.labelled_slices)
-        names = ["background", *LOBES]  # the label values of merge_aal_into_lobes
         segmentation = few_shot_segment(features, lobes, shown, class_names=names)
         labels = write(f"lobes from {len(shown)} labelled slices", segmentation.labels, "fewshot_lobes.nii.gz")
         table = "\n".join(f"{value} {name}" for value, name in enumerate(names)) + "\n"

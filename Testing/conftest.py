@@ -5,11 +5,13 @@ from pathlib import Path
 
 import pytest
 
+from BrainDINOLib.atlas import COLIN27_T1
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 DATA = SHARED / "data"
 TEACHER_FIXTURE = SHARED / "fixtures" / "dinov3_teacher"
-SAMPLE_T1 = REPO / "BrainDINOLib" / "data" / "colin27_t1.nii.gz"
+SAMPLE_T1 = COLIN27_T1  # the bundled sample volume
 
 
 @pytest.fixture(scope="session")

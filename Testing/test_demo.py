@@ -9,17 +9,16 @@ from matplotlib.image import imread
 from volume_factories import downsampled
 
 from BrainDINOLib.cli import main
-from BrainDINOLib.atlas import LOBES, merge_aal_into_lobes
-from BrainDINOLib.demo import LEFT_PUTAMEN, SAMPLE_AAL, SAMPLE_AAL_TABLE, DemoConfig, run_demo
+from BrainDINOLib.atlas import COLIN27_AAL, LOBES, aal_names, merge_aal_into_lobes
+from BrainDINOLib.demo import LEFT_PUTAMEN, DemoConfig, run_demo
 from BrainDINOLib.volume import read_volume
 
 
 def test_the_named_point_is_in_the_left_putamen():
-    atlas = read_volume(SAMPLE_AAL)
+    atlas = read_volume(COLIN27_AAL)
     kji = tuple(np.rint(atlas.geometry.lps_to_index(LEFT_PUTAMEN.lps[None])[0]).astype(int))
-    names = dict(line.split()[:2] for line in SAMPLE_AAL_TABLE.read_text().splitlines() if line.strip())
-    assert names[str(int(atlas.array[kji]))] == "Putamen_L"
-    lobes, _ = merge_aal_into_lobes(np.rint(atlas.array).astype(np.int64), SAMPLE_AAL_TABLE)
+    assert aal_names()[int(atlas.array[kji])] == "Putamen_L"
+    lobes, _ = merge_aal_into_lobes(np.rint(atlas.array).astype(np.int64))
     assert lobes[kji] == list(LOBES).index("deep grey matter") + 1
     assert set(np.unique(lobes)) == set(range(len(LOBES) + 1))  # every AAL region lands in a lobe
     assert ((atlas.array > 0) == (lobes > 0)).all()
@@ -29,7 +28,7 @@ def test_the_named_point_is_in_the_left_putamen():
 def small_sample(tmp_path_factory):
     folder = tmp_path_factory.mktemp("demo_inputs")
     t1 = downsampled(SAMPLE_T1, 4.0)
-    atlas = sitk.Resample(sitk.ReadImage(str(SAMPLE_AAL)), t1, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    atlas = sitk.Resample(sitk.ReadImage(str(COLIN27_AAL)), t1, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
     sitk.WriteImage(t1, str(folder / "t1.nii.gz"))
     sitk.WriteImage(atlas, str(folder / "aal.nii.gz"))
     return folder / "t1.nii.gz", folder / "aal.nii.gz"

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+
 from ..cache import FeatureCache
 from ..encoder import Encoder
 from ..features import VolumeFeatures

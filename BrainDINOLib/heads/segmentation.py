@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ..errors import BrainDINOError
 from ..features import VolumeFeatures
-from ..slices import SliceGeometry
+from ..slices import SliceGeometry, crop_box
 from ..volume import Volume
 from .head import Head, register_kind
 
@@ -114,14 +114,9 @@ def soft_targets(labels: np.ndarray, geometry: SliceGeometry, slice_indices: Seq
     lookup = np.full(int(max(labels.max(), max(class_values))) + 1, -1, dtype=np.int64)
     lookup[np.asarray(class_values)] = np.arange(len(class_values))
     rows_out, cols_out = geometry.grid[0] * upscale, geometry.grid[1] * upscale
-    row0, col0, rows, cols = geometry.box
-    depth, height, width = labels.shape
     out = torch.empty((len(slice_indices), len(class_values), rows_out, cols_out))
     for n, k in enumerate(slice_indices):
-        box = np.zeros((rows, cols), dtype=labels.dtype)
-        r_lo, c_lo = max(0, -row0), max(0, -col0)
-        r_hi, c_hi = min(rows, height - row0), min(cols, width - col0)
-        box[r_lo:r_hi, c_lo:c_hi] = labels[k, row0 + r_lo:row0 + r_hi, col0 + c_lo:col0 + c_hi]
+        box = crop_box(labels[k:k + 1], geometry.box)[0]
         classes = lookup[box]
         if (classes < 0).any():
             raise ValueError(f"label values {sorted(set(np.unique(box[classes < 0]).tolist()))} on slice {k} "

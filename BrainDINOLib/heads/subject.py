@@ -71,9 +71,11 @@ class SubjectHead(nn.Module):
         self.register_buffer("token_mean", torch.zeros(token_dim))
         self.register_buffer("token_std", torch.ones(token_dim))
         fused = token_dim * modalities
-        self.mlp = nn.Sequential(nn.Dropout(dropout), nn.Linear(fused, hidden), nn.GELU(), nn.Dropout(dropout),
-                                 nn.Linear(hidden, out_dim)) if hidden else nn.Sequential(nn.Dropout(dropout),
-                                                                                          nn.Linear(fused, out_dim))
+        if hidden:
+            layers = [nn.Linear(fused, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, out_dim)]
+        else:
+            layers = [nn.Linear(fused, out_dim)]
+        self.mlp = nn.Sequential(nn.Dropout(dropout), *layers)
 
     def set_standardisation(self, tokens: Tensor) -> None:
         """Standardise inputs with the statistics of these training slice tokens [N, F]."""

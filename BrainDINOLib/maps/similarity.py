@@ -7,8 +7,9 @@ slice, never materialised: the similarity at voxel v is
 
 The numerator is linear in the tokens, so it is the bilinear upsampling of one per-patch map (q against
 every token): one upsampling per point. The denominator |f(v)| depends only on the features, so
-`SimilarityIndex` computes it once (from each slice's token Gram matrix and the interpolation weights). By Cauchy-Schwarz the map lies in [-1, 1] and equals 1 exactly at the seed voxel:
-the seed's own value is the maximum. A new point then costs one matrix-vector product and one upsampling.
+`SimilarityIndex` computes it once (from each slice's token Gram matrix and the interpolation weights).
+By Cauchy-Schwarz the map lies in [-1, 1] and equals 1 exactly at the seed voxel: the seed's own value is
+the maximum. A new point then costs one matrix-vector product and one upsampling.
 """
 from __future__ import annotations
 

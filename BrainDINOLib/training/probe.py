@@ -30,6 +30,7 @@ from torch import nn
 
 from ..encoder import Encoder
 from ..heads.metrics import dice_per_class
+from ..heads.segmentation import soft_targets
 from ..slices import PreprocessConfig, SliceStack, crop_box
 from ..threads import torch_threads
 from ..volume import Volume
@@ -79,9 +80,9 @@ def box_labels(stack: SliceStack, labels: np.ndarray, positions: list[int]) -> n
 
 
 def patch_majority_labels(stack: SliceStack, labels: np.ndarray, positions: list[int]) -> np.ndarray:
-    """Majority class of each patch [S, h, w]: voxel one-hots of the box, averaged per patch."""
-    onehot = np.eye(len(CLASS_NAMES), dtype=np.float32)[box_labels(stack, labels, positions)]
-    fractions = F.adaptive_avg_pool2d(torch.from_numpy(onehot).permute(0, 3, 1, 2), stack.geometry.grid)
+    """Majority class of each patch [S, h, w]: the largest of the patch's class fractions."""
+    slice_indices = [stack.geometry.slice_indices[p] for p in positions]
+    fractions = soft_targets(labels, stack.geometry, slice_indices, range(len(CLASS_NAMES)))
     return fractions.argmax(dim=1).numpy()
 
 
