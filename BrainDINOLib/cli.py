@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 
 from .errors import BrainDINOError, CancelledError
 
@@ -30,16 +31,23 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    return report_errors("braindino", lambda: args.run(args))
+
+
+def report_errors(program: str, body: Callable[[], int]) -> int:
+    """Run a command's `body` and return its exit code. Bad input ends with one line on stderr naming the file
+    and the problem (exit code 2); a cancel or Ctrl-C with one line (130); never a traceback. Shared by
+    `braindino`, the torchrun entry point and the scripts in Training/."""
     try:
-        return args.run(args)
+        return body()
     except BrainDINOError as error:
-        print(f"braindino: error: {error}", file=sys.stderr)
+        print(f"{program}: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except CancelledError:
-        print("braindino: cancelled", file=sys.stderr)
+    except CancelledError as error:
+        print(f"{program}: {error}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except KeyboardInterrupt:
-        print("braindino: interrupted", file=sys.stderr)
+        print(f"{program}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 

@@ -1,12 +1,16 @@
-"""Slice shards from real MRI, the YAML config, and the per-step batches (multi-crop views and iBOT masks)."""
+"""Slice shards from real MRI, the YAML config, the per-step batches (multi-crop views and iBOT masks), and
+bad input to the pretraining commands and scripts."""
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
-from training_helpers import MICRO_CONFIG, micro_shards, single_thread, two_mm_brain  # noqa: F401
+from training_helpers import (MICRO_CONFIG, REPO, environment, micro_shards, single_thread,  # noqa: F401
+                              two_mm_brain)
 
 from BrainDINOLib import BrainDINOError, PreprocessConfig, SliceStack, read_volume
 from BrainDINOLib.training import SliceShards, load_config, prepare_slices
@@ -79,3 +83,15 @@ def test_cli_prepares_slices_and_names_bad_pretraining_input(tmp_path, tmp_path_
     assert "missing.yaml" in capsys.readouterr().err
     assert main(["pretrain", "--config", str(MICRO_CONFIG), "--set", f"data.shards={tmp_path}"]) == 2
     assert "not a slice-shard folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script, arguments", [
+    ("export_model.py", ["missing/checkpoint.pth", "out", "--name", "x"]),
+    ("probe_tissue.py", ["--model", "missing/checkpoint.pth"]),
+])
+def test_training_scripts_name_bad_input_in_one_line(tmp_path, script, arguments):
+    result = subprocess.run([sys.executable, str(REPO / "Training" / script), *arguments], cwd=tmp_path,
+                            env=environment(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "missing/checkpoint.pth" in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists()

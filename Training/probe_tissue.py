@@ -17,15 +17,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from BrainDINOLib import BrainDINOError, load_encoder, read_volume  # noqa: E402
+from BrainDINOLib import load_encoder, read_volume  # noqa: E402
 from BrainDINOLib.atlas import MNI152_GM, MNI152_T1, MNI152_WM  # noqa: E402
 from BrainDINOLib.atomic import write_text_atomic  # noqa: E402
+from BrainDINOLib.cli import report_errors  # noqa: E402
 from BrainDINOLib.embedding import default_preprocessing  # noqa: E402
 from BrainDINOLib.training.probe import tissue_probe  # noqa: E402
 from BrainDINOLib.training.tissue import tissue_classes  # noqa: E402
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="demo", help="checkpoint or built-in model name (default demo)")
     parser.add_argument("--image-size", type=int, default=None, help="default: the model's preprocessing")
@@ -52,11 +53,8 @@ def main() -> None:
         summary = {"model": str(args.model), "model_id": encoder.model_id,
                    "image_size": preprocessing.image_size, "dice": results}
         write_text_atomic(args.json, json.dumps(summary, indent=1) + "\n")
+    return 0
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except BrainDINOError as error:  # bad input: one line, exit code 2, as the braindino command
-        print(f"probe_tissue: error: {error}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(report_errors("probe_tissue", main))

@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 
-from ..errors import BrainDINOError, CancelledError
+from ..cli import report_errors
 
 
 def add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,14 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s")
-    try:
-        return run(args)
-    except BrainDINOError as error:
-        print(f"pretrain: error: {error}", file=sys.stderr)
-        return 2
-    except CancelledError as error:
-        print(f"pretrain: {error}", file=sys.stderr)
-        return 130
+    return report_errors("pretrain", lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from ..checkpoints import ModelCard, save_safetensors, save_teacher_checkpoint
+from ..errors import BrainDINOError
 from ..slices import PreprocessConfig
 from .model import DistillationNetwork
 
@@ -40,6 +41,8 @@ def export_training_checkpoint(checkpoint: str | Path, output_dir: str | Path, n
     from .model import build_network
     from .shards import SliceShards
 
+    if not Path(checkpoint).is_file():
+        raise BrainDINOError(checkpoint, "no such training checkpoint (<run.output_dir>/checkpoint.pth)")
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     config = config_from_dict(state["config"])
     teacher = build_network(config.model, config.loss)
