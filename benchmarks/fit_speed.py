@@ -22,11 +22,9 @@ import torch
 from BrainDINOLib import PreprocessConfig, Volume, embed_volume, load_encoder
 from BrainDINOLib.heads import few_shot_segment, segment
 from BrainDINOLib.heads.metrics import dice_per_class
-from BrainDINOLib.synthetic import merge_aal
+from BrainDINOLib.atlas import COLIN27_AAL, COLIN27_T1, merge_aal_into_lobes
 
 REPO = Path(__file__).resolve().parents[1]
-SAMPLE = REPO / "BrainDINOLib" / "data" / "colin27_t1.nii.gz"
-AAL = REPO / "BrainDINOLib" / "data" / "colin27_aal.nii.gz"
 FIXTURE = REPO.parent / "shared" / "fixtures" / "dinov3_teacher" / "teacher_checkpoint.pth"
 
 
@@ -50,8 +48,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     encoder = load_encoder(args.model, device="cpu")
-    volume = read_resampled(SAMPLE, args.spacing, labels=False)
-    lobes, names = merge_aal(read_resampled(AAL, args.spacing, labels=True).array)
+    volume = read_resampled(COLIN27_T1, args.spacing, labels=False)
+    lobes, names = merge_aal_into_lobes(read_resampled(COLIN27_AAL, args.spacing, labels=True).array)
     layers = tuple(int(x) for x in args.layers.split(",") if x)
 
     started = time.perf_counter()

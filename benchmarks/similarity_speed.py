@@ -24,11 +24,11 @@ import numpy as np
 import torch
 
 from BrainDINOLib import Architecture, embed_volume, read_volume
+from BrainDINOLib.atlas import COLIN27_T1
 from BrainDINOLib.checkpoints import ModelCard, save_safetensors
 from BrainDINOLib.encoder import load_encoder
 from BrainDINOLib.maps import SimilarityIndex, similarity_map
 
-SAMPLE = Path(__file__).resolve().parents[1] / "BrainDINOLib" / "data" / "colin27_t1.nii.gz"
 WIDE = Architecture(family="dinov3", embed_dim=768, depth=1, num_heads=12, patch_size=16)
 
 
@@ -49,7 +49,7 @@ def main() -> None:
     torch.manual_seed(0)
     checkpoint = save_safetensors(WIDE.build(), ModelCard("dinov3-width768-random", WIDE),
                                   args.work / "width768.safetensors", dtype=torch.float32)
-    volume = read_volume(SAMPLE)
+    volume = read_volume(COLIN27_T1)
     features = embed_volume(volume, load_encoder(checkpoint, device="cpu"))
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}; features: {features.num_slices} slices x {features.grid} patches "
           f"x {features.patches.shape[-1]} dims; volume {volume.shape}")
