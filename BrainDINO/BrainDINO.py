@@ -39,7 +39,6 @@ MODULE_DIR = Path(__file__).resolve().parent
 REQUIREMENTS = MODULE_DIR / "Resources" / "requirements.txt"
 SAMPLE_NAME = "BrainDINOColin27T1"
 TORCH_REQUIREMENT = ">=2.1"
-FEATURES_KEPT = 2  # volumes whose features stay in memory (the disk cache keeps all)
 
 
 def ensure_engine_on_path() -> Path:
@@ -222,12 +221,6 @@ class TorchWorker:
 # Logic
 #
 
-def segmentation_layers(depth: int, count: int = 4) -> tuple[int, ...]:
-    """`count` evenly spaced blocks ending with the last one ([2, 5, 8, 11] for a 12-block ViT, as the
-    BrainDINO segmentation work used)."""
-    return tuple(sorted({max(0, (depth * (i + 1)) // count - 1) for i in range(count)}))
-
-
 class BrainDINOLogic(ScriptedLoadableModuleLogic):
     """Orchestrates BrainDINOLib (computations, on any thread) and BrainDINOLib.mrml (scene, main thread).
 
@@ -238,8 +231,7 @@ class BrainDINOLogic(ScriptedLoadableModuleLogic):
     def __init__(self):
         ScriptedLoadableModuleLogic.__init__(self)
         self.worker = TorchWorker()
-        self.encoder = None
-        self._features: dict[str, Any] = {}  # volume + model key -> VolumeFeatures, most recent last
+        self.session = None  # BrainDINOLib's FeatureSession: the model, its resolution and the feature caches
         self._similarity: tuple[int, Any] | None = None  # (id of the features, SimilarityIndex)
         self.trainingProcess = None
 
@@ -280,23 +272,29 @@ class BrainDINOLogic(ScriptedLoadableModuleLogic):
     # ---- model -------------------------------------------------------------------------------------------
 
     def loadModel(self, source: str, device: str = "auto"):
-        """Load an encoder (a checkpoint path or a built-in name such as "demo"); any thread."""
-        self.encoder = self.engine().load_encoder(source, device=None if device == "auto" else device)
-        self._features.clear()
+        """Load an encoder (a checkpoint path or a built-in name such as "demo") at its device's default
+        resolution, with the shared disk feature cache; any thread."""
+        from BrainDINOLib.session import FeatureSession
+        self.session = FeatureSession.open(source, None if device == "auto" else device,
+                                           cache=self.engine().FeatureCache())
         self._similarity = None
-        return self.encoder
+        return self.session.encoder
+
+    @property
+    def encoder(self):
+        return None if self.session is None else self.session.encoder
 
     def describeModel(self) -> str:
-        if self.encoder is None:
+        if self.session is None:
             return "no model loaded"
-        arch = self.encoder.architecture
-        return (f"{arch.describe()}; {self.encoder.num_parameters / 1e6:.1f} M parameters; "
-                f"{self.encoder.model_id}; on {self.encoder.device}")
+        encoder = self.session.encoder
+        return (f"{encoder.architecture.describe()}; {encoder.num_parameters / 1e6:.1f} M parameters; "
+                f"{encoder.model_id}; {self.session.describe()}")
 
     def requireModel(self):
-        if self.encoder is None:
+        if self.session is None:
             raise self.engine().BrainDINOError("model", "no model loaded; choose one and click Load model")
-        return self.encoder
+        return self.session.encoder
 
     # ---- features ----------------------------------------------------------------------------------------
 
@@ -309,25 +307,12 @@ class BrainDINOLogic(ScriptedLoadableModuleLogic):
     def computeFeatures(self, volume, layers: tuple[int, ...] = (), progress=None, cancel=None):
         """Features of `volume` under the loaded model holding at least the intermediate `layers`: from memory,
         from the disk cache (`$BRAINDINO_CACHE`), or computed (any thread)."""
-        engine = self.engine()
-        from BrainDINOLib.cache import feature_key
-        from BrainDINOLib.embedding import default_preprocessing
-
-        encoder = self.requireModel()
-        key = feature_key(volume, encoder.model_id, default_preprocessing(encoder), ())
-        held = self._features.pop(key, None)
-        if held is None or not set(layers) <= set(held.layers):
-            held = engine.embed_volume(volume, encoder, layers=tuple(sorted(set(layers))), progress=progress,
-                                       cancel=cancel, cache=engine.FeatureCache())
-        elif progress:
-            progress(held.num_slices, held.num_slices)
-        self._features[key] = held
-        while len(self._features) > FEATURES_KEPT:
-            self._features.pop(next(iter(self._features)))
-        return held
+        self.requireModel()
+        return self.session.features(volume, layers, progress=progress, cancel=cancel)
 
     def segmentationLayers(self) -> tuple[int, ...]:
-        return segmentation_layers(self.requireModel().architecture.depth)
+        self.requireModel()
+        return self.session.segmentation_layers
 
     # ---- explore -----------------------------------------------------------------------------------------
 
@@ -344,7 +329,8 @@ class BrainDINOLogic(ScriptedLoadableModuleLogic):
 
     def attentionMap(self, volume, progress=None, cancel=None):
         from BrainDINOLib.maps import attention_map
-        return attention_map(volume, self.requireModel(), progress=progress, cancel=cancel).mean
+        self.requireModel()
+        return attention_map(self.session, volume, progress=progress, cancel=cancel).mean
 
     def clusterMap(self, features, count: int):
         from BrainDINOLib.maps import cluster_map
@@ -391,12 +377,10 @@ class BrainDINOLogic(ScriptedLoadableModuleLogic):
         return self.engine().mrml.painted_labels(segmentationNode, referenceNode)
 
     def fitFewShot(self, volume, painted, progress=None, cancel=None):
-        """Fit a head on the painted slices and segment the whole volume (few-shot)."""
-        from BrainDINOLib.heads import few_shot_segment
-        features = self.computeFeatures(volume, self.segmentationLayers(), cancel=cancel)
-        names = ["background", *painted.class_names]  # names[v] names label value v
-        return few_shot_segment(features, painted.labels.array, painted.slice_indices, class_names=names,
-                                progress=progress, cancel=cancel)
+        """Fit a head on the painted slices and segment the whole volume (few-shot), as `braindino few-shot`."""
+        from BrainDINOLib.heads.painted import learn_from_painted
+        self.requireModel()
+        return learn_from_painted(self.session, volume, painted, progress=progress, cancel=cancel)
 
     def showSegmentation(self, labels, referenceNode, classes, node=None, name: str = ""):
         """Labels -> a segmentation node with one named, coloured segment per class."""

@@ -1,8 +1,13 @@
 """A content-addressed on-disk cache of `VolumeFeatures`.
 
-The key hashes what determines the features: the voxels and geometry of the volume, the model's identity
-(name + file hash), the preprocessing parameters and the requested layers. Entries are written
-atomically, so a crash never leaves a half-written entry that a later run would trust.
+Entries are grouped by what fixes the tokens of a volume: its voxels and geometry, the model's identity
+(name + file hash) and the preprocessing (`volume_key`). Inside a group, each entry holds one resolution
+policy and one set of encoder blocks, and a request is served by any entry that holds at least the blocks
+asked for at a resolution at least as fine (`ResolutionPolicy.at_least_as_fine_as`): embedding with blocks
+2, 5, 8, 11 once serves every later map. Entries are written atomically, so a crash never leaves a
+half-written entry that a later run would trust.
+
+Layout: `root/<key[:2]>/<key>/<policy hash>-<blocks>.safetensors`.
 """
 from __future__ import annotations
 
@@ -10,11 +15,13 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
 from .errors import BrainDINOError
 from .features import VolumeFeatures
+from .resolution import ResolutionPolicy
 from .slices import PreprocessConfig
 from .volume import Volume
 
@@ -28,34 +35,64 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "braindino"
 
 
-def feature_key(volume: Volume, model_id: str, config: PreprocessConfig, layers: tuple[int, ...]) -> str:
+def volume_key(volume: Volume, model_id: str, config: PreprocessConfig) -> str:
+    """Hash of everything but the resolution and blocks that determines a volume's features."""
     digest = hashlib.sha256()
     digest.update(volume.array.tobytes())
     digest.update(json.dumps({"shape": volume.array.shape, "dtype": str(volume.array.dtype),
                               "geometry": asdict(volume.geometry), "stored": asdict(volume.stored),
-                              "model": model_id, "preprocessing": config.to_dict(),
-                              "layers": sorted(layers)}, sort_keys=True).encode())
+                              "model": model_id, "preprocessing": config.to_dict()}, sort_keys=True).encode())
     return digest.hexdigest()
 
 
+def serves(entry: VolumeFeatures | dict, policy: ResolutionPolicy, layers: Sequence[int]) -> bool:
+    """Whether features (or their metadata) can answer a request for `policy` and blocks `layers`."""
+    if isinstance(entry, VolumeFeatures):
+        held_policy, held_layers = entry.policy, set(entry.layers)
+    else:
+        held_policy, held_layers = ResolutionPolicy.from_dict(entry["policy"]), set(entry["layers"])
+    return set(layers) <= held_layers and held_policy.at_least_as_fine_as(policy)
+
+
+def preference(policy: ResolutionPolicy, layers: Sequence[int]):
+    """Sort key among serving entries: the requested policy itself first, then the fewest extra blocks."""
+    def key(candidate: tuple[ResolutionPolicy, Sequence[int]]) -> tuple[bool, int]:
+        held_policy, held_layers = candidate
+        return held_policy != policy, len(set(held_layers) - set(layers))
+    return key
+
+
 class FeatureCache:
-    """`get`/`put` of `VolumeFeatures` under `root/<key[:2]>/<key>.safetensors`."""
+    """`get`/`put` of `VolumeFeatures` by volume key, resolution policy and encoder blocks."""
 
     def __init__(self, root: str | Path | None = None):
         self.root = Path(root) if root else default_cache_dir()
 
-    def path_for(self, key: str) -> Path:
-        return self.root / key[:2] / f"{key}.safetensors"
+    def folder_for(self, key: str) -> Path:
+        return self.root / key[:2] / key
 
-    def get(self, key: str) -> VolumeFeatures | None:
-        path = self.path_for(key)
-        if not path.exists():
-            return None
-        try:
-            return VolumeFeatures.load(path)
-        except BrainDINOError as error:  # an unreadable entry is a miss, and is replaced on the next put
-            log.warning("ignoring unreadable cache entry %s (%s)", path, error.problem)
-            return None
+    def path_for(self, key: str, policy: ResolutionPolicy, layers: Sequence[int]) -> Path:
+        policy_hash = hashlib.sha256(json.dumps(policy.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+        blocks = "-".join(str(i) for i in sorted(set(layers))) or "final"
+        return self.folder_for(key) / f"{policy_hash}-{blocks}.safetensors"
+
+    def get(self, key: str, policy: ResolutionPolicy, layers: Sequence[int] = ()) -> VolumeFeatures | None:
+        """The best entry that serves the request (see module docstring), or None."""
+        candidates = []
+        for path in sorted(self.folder_for(key).glob("*.safetensors")):
+            try:
+                info = VolumeFeatures.read_metadata(path)
+            except BrainDINOError as error:  # an unreadable entry is a miss
+                log.warning("ignoring unreadable cache entry %s (%s)", path, error.problem)
+                continue
+            if serves(info, policy, layers):
+                candidates.append((ResolutionPolicy.from_dict(info["policy"]), info["layers"], path))
+        for *_, path in sorted(candidates, key=lambda c: preference(policy, layers)(c[:2])):
+            try:
+                return VolumeFeatures.load(path)
+            except BrainDINOError as error:
+                log.warning("ignoring unreadable cache entry %s (%s)", path, error.problem)
+        return None
 
     def put(self, key: str, features: VolumeFeatures) -> Path:
-        return features.save(self.path_for(key))
+        return features.save(self.path_for(key, features.policy, tuple(features.layers)))

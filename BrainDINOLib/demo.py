@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,13 +19,14 @@ import numpy as np
 from .atlas import AAL_TABLE, COLIN27_AAL, COLIN27_T1, merge_aal_into_lobes
 from .atomic import write_text_atomic
 from .cache import FeatureCache
-from .embedding import default_preprocessing, embed_volume
-from .encoder import load_encoder
 from .errors import BrainDINOError
-from .heads import few_shot_segment
+from .features import VolumeFeatures
+from .heads import FewShotResult, few_shot_segment
 from .heads.metrics import dice_per_class
 from .maps import SimilarityIndex, cluster_map, pca_map
 from .montage import OverlayStyle, Panel, save_report
+from .resolution import ResolutionPolicy
+from .session import FeatureSession
 from .volume import Volume, ras_to_lps, read_volume, write_volume
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ class DemoConfig:
     atlas_table: Path = AAL_TABLE
     model: str | Path = "demo"
     device: str | None = "cpu"
-    image_size: int | None = None  # None: the model's own
+    policy: ResolutionPolicy | None = None  # None: the device's default resolution
     batch_size: int | None = None
     point: NamedPoint = LEFT_PUTAMEN
     clusters: int = 8
@@ -77,7 +78,19 @@ def spread_slices(labels: np.ndarray, count: int) -> list[int]:
     return sorted({int(round(p)) for p in positions})
 
 
-def _read_lobes(config: DemoConfig, volume: Volume) -> tuple[np.ndarray, list[str]]:
+def lobe_few_shot(features: VolumeFeatures, lobes: np.ndarray, names: list[str], count: int,
+                  layers: Sequence[int]) -> tuple[FewShotResult, list[int], dict[str, float]]:
+    """Few-shot lobe segmentation from `count` labelled axial slices (`spread_slices`), and the Dice of each lobe
+    on every slice it was not shown: (result, labelled slices, {lobe: Dice})."""
+    shown = spread_slices(lobes, count)
+    result = few_shot_segment(features, lobes, shown, class_names=names, layers=layers)
+    unseen = np.setdiff1d(np.arange(lobes.shape[0]), shown)
+    predicted = np.rint(result.labels.array[unseen]).astype(np.int64)
+    dice = dice_per_class(predicted, lobes[unseen], range(1, len(names)))
+    return result, shown, {names[value]: score for value, score in dice.items()}
+
+
+def read_lobes(config: DemoConfig, volume: Volume) -> tuple[np.ndarray, list[str]]:
     """The atlas merged into lobe labels on the volume's grid, and the lobe names by label value."""
     atlas = read_volume(config.atlas)
     if atlas.geometry != volume.geometry:
@@ -105,14 +118,11 @@ def run_demo(out: str | Path, config: DemoConfig = DemoConfig(), cache: FeatureC
         return volume
 
     with step("load model and sample"):
-        encoder = load_encoder(config.model, device=config.device)
+        session = FeatureSession.open(config.model, config.device, config.policy, cache, config.batch_size)
         volume = read_volume(config.volume)
-        lobes, names = _read_lobes(config, volume)
-    preprocessing = default_preprocessing(encoder)
-    if config.image_size:
-        preprocessing = replace(preprocessing, image_size=config.image_size)
+        lobes, names = read_lobes(config, volume)
     with step("features"):
-        features = embed_volume(volume, encoder, config=preprocessing, batch_size=config.batch_size, cache=cache)
+        features = session.features(volume, session.segmentation_layers)
     with step("PCA map"):
         pca = write("PCA colours (RGB)", pca_map(features).rgb, "pca_rgb.nii.gz")
     point_slug = config.point.name.replace(" ", "_")
@@ -123,16 +133,12 @@ def run_demo(out: str | Path, config: DemoConfig = DemoConfig(), cache: FeatureC
         clusters = write(f"{config.clusters} feature clusters", cluster_map(features, k=config.clusters),
                          "clusters.nii.gz")
     with step("few-shot lobe segmentation"):
-        shown = spread_slices(lobes, config.labelled_slices)
-        segmentation = few_shot_segment(features, lobes, shown, class_names=names)
+        segmentation, shown, result.dice = lobe_few_shot(features, lobes, names, config.labelled_slices,
+                                                         session.segmentation_layers)
         labels = write(f"lobes from {len(shown)} labelled slices", segmentation.labels, "fewshot_lobes.nii.gz")
         table = "\n".join(f"{value} {name}" for value, name in enumerate(names)) + "\n"
         write_text_atomic(out / "fewshot_lobes.txt", table)
         result.outputs["lobe names"] = out / "fewshot_lobes.txt"
-        unseen = np.setdiff1d(np.arange(volume.shape[0]), shown)
-        predicted = np.rint(labels.array[unseen]).astype(np.int64)
-        dice = dice_per_class(predicted, lobes[unseen], range(1, len(names)))
-        result.dice = {names[value]: score for value, score in dice.items()}
     with step("report picture"):
         head = features.foreground
         lobe_names = dict(enumerate(names))
@@ -145,6 +151,6 @@ def run_demo(out: str | Path, config: DemoConfig = DemoConfig(), cache: FeatureC
             Panel(f"few-shot lobes ({len(shown)} labelled slices)", labels,
                   OverlayStyle("labels", alpha=0.5, names={k: v for k, v in lobe_names.items() if k})),
         ]
-        title = f"BrainDINO demo: {encoder.model_id}"
+        title = f"BrainDINO demo: {session.describe()}"
         result.outputs["report picture"] = save_report(volume, panels, out / "report.png", config.point.lps, title)
     return result

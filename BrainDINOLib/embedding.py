@@ -1,4 +1,8 @@
-"""`embed_volume`: a `Volume` through an `Encoder`, slice batch by slice batch, into `VolumeFeatures`."""
+"""`embed_volume`: a `Volume` through an `Encoder`, slice batch by slice batch, into `VolumeFeatures`.
+
+This is the computation only; `FeatureSession` (session.py) decides the preprocessing, resolution and layers
+and keeps the results in its caches. `for_each_batch` is the batch loop itself, shared with the attention map.
+"""
 from __future__ import annotations
 
 import logging
@@ -6,11 +10,12 @@ from collections.abc import Callable, Sequence
 
 import psutil
 import torch
+from torch import Tensor
 
-from .cache import FeatureCache, feature_key
 from .encoder import Encoder, autocast_for
 from .errors import CancelledError
 from .features import VolumeFeatures
+from .resolution import ResolutionPolicy
 from .slices import PreprocessConfig, SliceStack
 from .volume import Volume
 
@@ -49,51 +54,58 @@ def auto_batch_size(encoder: Encoder, image_size: int, budget_fraction: float = 
     return max(1, min(most, int(free * budget_fraction // bytes_per_image)))
 
 
+def for_each_batch(stack: SliceStack, encoder: Encoder, work: Callable[[int, int, Tensor], None],
+                   batch_size: int | None = None, progress: Progress | None = None, cancel: Cancel | None = None,
+                   what: str = "embedding") -> None:
+    """Call `work(start, stop, images)` for consecutive batches of the stack's slices (model-ready images on
+    the encoder's input channels; with a shift ensemble, every slice's N^2 windows). `cancel()` is checked
+    between batches (raises `CancelledError`), `progress(done, total)` reported after each."""
+    total = len(stack)
+    windows = stack.geometry.shifts ** 2
+    batch_size = max(1, (batch_size or auto_batch_size(encoder, stack.geometry.image_size)) // windows)
+    channels = encoder.architecture.in_chans
+    log.info("%s: %d slices (batch %d, %s)", what, total, batch_size, encoder.device)
+    for start in range(0, total, batch_size):
+        if cancel is not None and cancel():
+            raise CancelledError(f"{what} cancelled")
+        stop = min(total, start + batch_size)
+        work(start, stop, stack.batch(start, stop, channels))
+        if progress:
+            progress(stop, total)
+
+
 def embed_volume(volume: Volume, encoder: Encoder, config: PreprocessConfig | None = None,
-                 layers: Sequence[int] = (), batch_size: int | None = None, progress: Progress | None = None,
-                 cancel: Cancel | None = None, cache: FeatureCache | None = None) -> VolumeFeatures:
-    """Embed every foreground axial slice of `volume` with `encoder`.
+                 policy: ResolutionPolicy | None = None, layers: Sequence[int] = (), batch_size: int | None = None,
+                 progress: Progress | None = None, cancel: Cancel | None = None) -> VolumeFeatures:
+    """Embed the axial slices of `volume` that `policy` chooses with `encoder`.
 
     Batched inference (batch size from free memory unless given), bf16 autocast on CUDA and fp32 elsewhere,
     optional intermediate `layers` (block indices, after the final norm), `progress(done, total)` after each
-    batch, and `cancel()` checked between batches (raises `CancelledError`). With a `cache`, a volume
-    already embedded under the same model, preprocessing and layers is read back instead of recomputed.
+    batch, and `cancel()` checked between batches (raises `CancelledError`).
     """
     config = config or default_preprocessing(encoder)
+    policy = policy or ResolutionPolicy()
     layers = tuple(sorted(set(layers)))
-    key = feature_key(volume, encoder.model_id, config, layers) if cache is not None else None
-    if cache is not None and (hit := cache.get(key)) is not None:
-        log.info("features of %s read from the cache (%s)", volume.source or "volume", cache.path_for(key))
-        if progress:
-            progress(hit.num_slices, hit.num_slices)
-        return hit
-
-    stack = SliceStack.from_volume(volume, encoder.patch_size, config)
+    stack = SliceStack.from_volume(volume, encoder.patch_size, config, policy)
     total = len(stack)
-    batch_size = batch_size or auto_batch_size(encoder, config.image_size)
-    channels = encoder.architecture.in_chans
     h, w = stack.geometry.grid
     dim = encoder.embed_dim
     cls = torch.empty((total, dim), dtype=torch.float16)
     patches = torch.empty((total, h, w, dim), dtype=torch.float16)
     layer_out = {i: torch.empty((total, h, w, dim), dtype=torch.float16) for i in layers}
-    log.info("embedding %d slices of %s (batch %d, %s)", total, volume.source or "volume", batch_size, encoder.device)
-    for start in range(0, total, batch_size):
-        if cancel is not None and cancel():
-            raise CancelledError("embedding cancelled")
-        stop = min(total, start + batch_size)
-        with autocast_for(encoder.device):
-            tokens = encoder.tokens(stack.batch(start, stop, channels), layers=layers)
-        cls[start:stop] = tokens.cls.float().cpu()
-        patches[start:stop] = tokens.patches.float().cpu()
-        for i in layers:
-            layer_out[i][start:stop] = tokens.layers[i].float().cpu()
-        if progress:
-            progress(stop, total)
 
-    features = VolumeFeatures(cls=cls, patches=patches, slices=stack.geometry, geometry=volume.geometry,
-                              stored=volume.stored, model_id=encoder.model_id, preprocessing=config,
-                              foreground=stack.foreground, layers=layer_out, source=volume.source)
-    if cache is not None:
-        cache.put(key, features)
-    return features
+    def embed(start: int, stop: int, images: Tensor) -> None:
+        with autocast_for(encoder.device):
+            tokens = encoder.tokens(images, layers=layers)
+        windows = stack.geometry.shifts ** 2
+        cls[start:stop] = tokens.cls.float().cpu().reshape(stop - start, windows, dim).mean(dim=1)
+        patches[start:stop] = stack.interleave(tokens.patches.float().cpu())
+        for i in layers:
+            layer_out[i][start:stop] = stack.interleave(tokens.layers[i].float().cpu())
+
+    log.info("embedding %s: %s", volume.source or "volume", policy.describe())
+    for_each_batch(stack, encoder, embed, batch_size, progress, cancel)
+    return VolumeFeatures(cls=cls, patches=patches, slices=stack.geometry, geometry=volume.geometry,
+                          stored=volume.stored, model_id=encoder.model_id, preprocessing=config,
+                          foreground=stack.foreground, guide=stack.guide, policy=policy, layers=layer_out,
+                          source=volume.source)

@@ -1,7 +1,14 @@
-"""`VolumeFeatures`: per-slice tokens of one volume under one model, savable, and mappable back to voxels."""
+"""`VolumeFeatures`: per-slice tokens of one volume under one model, savable, and mappable back to voxels.
+
+Tokens exist for the embedded axial slices only (every n-th slice, as the `ResolutionPolicy` chose); every
+slice between two embedded ones has features too, interpolated linearly between them (`tokens_at`). A map
+is computed from those features at grid resolution, a few channels at a time, and only then upsampled to
+the voxels (`map_volume`), guided by the image when the policy says so.
+"""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -13,10 +20,71 @@ from torch import Tensor
 
 from .atomic import atomic_path
 from .errors import BrainDINOError
+from .resolution import ResolutionPolicy
 from .slices import PreprocessConfig, SliceGeometry, crop_box
+from .upsample import InplaneUpsampler, cell_means, interpolate_slices, window
 from .volume import Geometry, Volume
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Voxel slices whose cell maps are computed and upsampled at once (bounds memory for large volumes).
+MAP_CHUNK = 16
+
+CellMaps = Callable[[Sequence[int]], Tensor]  # voxel slices -> per-cell maps [n, K, gh, gw]
+
+
+@dataclass(frozen=True)
+class VoxelMapping:
+    """How per-cell maps of a volume's embedded slices land on its voxels: the slice geometry, the upsampling
+    guide and method, and the volume's own geometry (so results are `Volume`s on the input grid)."""
+
+    slices: SliceGeometry
+    guide: np.ndarray  # uint8 [Z, box rows, box cols], see slices.quantise_guide
+    upsampling: str
+    geometry: Geometry
+    stored: Geometry
+    source: str = ""
+
+    @property
+    def covered(self) -> range:
+        return self.slices.covered
+
+    def upsampler(self, upscale: int = 1) -> InplaneUpsampler:
+        """The in-plane upsampler of these features' policy (bilinear or guided by the image)."""
+        return InplaneUpsampler(self.slices, self.guide, self.upsampling, upscale)
+
+    def map_volume(self, cell_maps: CellMaps, upscale: int = 1, fill: float = 0.0,
+                   reduce: Callable[[Tensor], Tensor] | None = None, squeeze: bool = False) -> Volume:
+        """Compute a map slice by slice: `cell_maps(voxel slices)` gives [n, K, gh * upscale, gw * upscale] per
+        voxel slice of `covered`; each is upsampled to the voxels and, if given, `reduce`d ([n, K, rows, cols]
+        -> [n, rows, cols], e.g. an arg-max). A float32 (or `reduce`'s dtype) `Volume` [Z, Y, X, K] ([Z, Y, X] with
+        `reduce` or `squeeze` of a one-channel map) on the input grid; voxels without features (slices outside
+        `covered`, outside the box) hold `fill`."""
+        upsample = self.upsampler(upscale)
+        _, _, rows, cols = window(self.slices)
+        covered = list(self.covered)
+        out = None
+        for start in range(0, len(covered), MAP_CHUNK):
+            chunk = covered[start:start + MAP_CHUNK]
+            voxels = upsample(cell_maps(chunk), chunk)
+            voxels = reduce(voxels) if reduce is not None else voxels.permute(0, 2, 3, 1)
+            if out is None:
+                shape = (*self.slices.volume_shape, *voxels.shape[3:])
+                out = np.full(shape, fill, dtype=voxels.numpy().dtype)
+            out[chunk[0]:chunk[-1] + 1, rows, cols] = voxels.numpy()
+        if squeeze:
+            out = out[..., 0]
+        return Volume(out, self.geometry, self.stored, self.source)
+
+    def to_volume(self, per_slice: Tensor | np.ndarray, fill: float = 0.0) -> Volume:
+        """A map of the embedded slices [S, h, w(, K)] -> float32 `Volume` [Z, Y, X(, K)]: interpolated across
+        slices, then upsampled in-plane by the policy's method."""
+        maps = per_slice if isinstance(per_slice, Tensor) else torch.from_numpy(np.asarray(per_slice, np.float32))
+        squeeze = maps.ndim == 3
+        maps = (maps[..., None] if squeeze else maps).permute(0, 3, 1, 2).float()
+        if maps.shape[0] != len(self.slices.slice_indices) or tuple(maps.shape[2:]) != self.slices.grid:
+            raise ValueError(f"per-slice map of shape {tuple(per_slice.shape)} does not match "
+                             f"{len(self.slices.slice_indices)} slices of grid {self.slices.grid}")
+        return self.map_volume(lambda ks: interpolate_slices(maps, self.slices, ks), fill=fill, squeeze=squeeze)
 
 
 @dataclass
@@ -24,8 +92,8 @@ class VolumeFeatures:
     """Tokens of every embedded slice: cls [S, D], patches [S, h, w, D], layers {i: [S, h, w, D]}.
 
     Stored in fp16 (halves disk and memory; cosine similarities and heads are insensitive to it). Carries
-    the slice geometry and the volume's geometry, so per-patch maps become `Volume`s on the input grid
-    without the original file.
+    the slice geometry, the volume's geometry, the resolution policy and the upsampling guide, so maps
+    become `Volume`s on the input grid without the original file.
     """
 
     cls: Tensor
@@ -36,6 +104,8 @@ class VolumeFeatures:
     model_id: str
     preprocessing: PreprocessConfig
     foreground: np.ndarray  # bool [Z, Y, X], canonical grid
+    guide: np.ndarray  # uint8 [Z, box rows, box cols], see slices.quantise_guide
+    policy: ResolutionPolicy = field(default_factory=ResolutionPolicy)
     layers: dict[int, Tensor] = field(default_factory=dict)
     source: str = ""
 
@@ -47,53 +117,102 @@ class VolumeFeatures:
     def grid(self) -> tuple[int, int]:
         return self.slices.grid
 
-    def patch_foreground(self) -> Tensor:
-        """Fraction of each patch's voxels inside the foreground mask, [S, h, w] float32."""
-        mask = self.foreground[np.asarray(self.slices.slice_indices)].astype(np.float32)
-        box = torch.from_numpy(crop_box(mask, self.slices.box))[:, None]
-        return torch.nn.functional.adaptive_avg_pool2d(box, self.grid)[:, 0]
+    @property
+    def covered(self) -> range:
+        """Voxel slices that have features (embedded or interpolated)."""
+        return self.slices.covered
 
-    def to_volume(self, per_patch: Tensor | np.ndarray, mode: str = "bilinear", fill: float = 0.0) -> Volume:
-        """Upsample a per-patch map [S, h, w(, K)] to a float32 `Volume` on the input's grid."""
-        array = self.slices.upsample(per_patch, mode=mode, fill=fill)
-        return Volume(array, self.geometry, self.stored, self.source)
+    def token_maps(self, layers: Sequence[int] = ()) -> Tensor:
+        """Tokens of the embedded slices [S, h, w, C]: blocks `layers` concatenated, or the final patch tokens."""
+        missing = [i for i in layers if i not in self.layers]
+        if missing:
+            have = sorted(self.layers) or "none"
+            raise BrainDINOError(self.source or "features", f"lack encoder block(s) {missing} (features hold "
+                                                            f"blocks {have}); embed with layers={list(layers)}")
+        maps = [self.layers[i] for i in layers] if layers else [self.patches]
+        return maps[0] if len(maps) == 1 else torch.cat(maps, dim=-1)
+
+    def tokens_at(self, slice_indices: Sequence[int], layers: Sequence[int] = ()) -> Tensor:
+        """Features [n, h, w, C] float32 at any voxel slices inside `covered`, interpolated between embedded
+        slices (exactly the embedded tokens on embedded slices)."""
+        return interpolate_slices(self.token_maps(layers), self.slices, slice_indices)
+
+    def patch_foreground(self) -> Tensor:
+        """Fraction of each grid cell's voxels inside the foreground mask on the embedded slices, [S, h, w]."""
+        return self.foreground_fraction(self.slices.slice_indices)
+
+    def foreground_fraction(self, slice_indices: Sequence[int]) -> Tensor:
+        """Fraction of each grid cell's voxels inside the foreground mask on voxel slices `slice_indices`,
+        [n, h, w] float32."""
+        mask = self.foreground[np.asarray(slice_indices)].astype(np.float32)
+        box = torch.from_numpy(crop_box(mask, self.slices.box))[:, None]
+        return cell_means(box, self.slices)[:, 0]
+
+    @property
+    def mapping(self) -> VoxelMapping:
+        return VoxelMapping(self.slices, self.guide, self.policy.upsampling, self.geometry, self.stored, self.source)
+
+    def map_volume(self, cell_maps: CellMaps, upscale: int = 1, fill: float = 0.0,
+                   reduce: Callable[[Tensor], Tensor] | None = None, squeeze: bool = False) -> Volume:
+        """See `VoxelMapping.map_volume`."""
+        return self.mapping.map_volume(cell_maps, upscale, fill, reduce, squeeze)
+
+    def to_volume(self, per_slice: Tensor | np.ndarray, fill: float = 0.0) -> Volume:
+        """See `VoxelMapping.to_volume`."""
+        return self.mapping.to_volume(per_slice, fill)
 
     def empty_volume(self, dtype: np.dtype = np.float32) -> Volume:
         """A zero volume on the input's grid (for label maps assembled voxel-wise)."""
         return Volume(np.zeros(self.slices.volume_shape, dtype), self.geometry, self.stored, self.source)
 
+    def describe(self) -> str:
+        h, w = self.grid
+        return (f"{self.num_slices} slices x {h}x{w} tokens x {self.patches.shape[-1]} dims "
+                f"({self.policy.describe()})")
+
     # ---- persistence -------------------------------------------------------------------------------------
 
-    def _metadata(self) -> dict[str, str]:
-        info = {"format_version": FORMAT_VERSION, "model_id": self.model_id, "source": self.source,
+    def metadata(self) -> dict:
+        """Everything but the tensors, as JSON-ready data (also what the cache matches entries on)."""
+        return {"format_version": FORMAT_VERSION, "model_id": self.model_id, "source": self.source,
                 "slices": self.slices.to_dict(), "geometry": asdict(self.geometry), "stored": asdict(self.stored),
-                "preprocessing": self.preprocessing.to_dict(), "foreground_shape": list(self.foreground.shape)}
-        return {"braindino_features": json.dumps(info)}
+                "preprocessing": self.preprocessing.to_dict(), "policy": self.policy.to_dict(),
+                "foreground_shape": list(self.foreground.shape), "layers": sorted(self.layers)}
 
     def save(self, path: str | Path) -> Path:
         """Write atomically as one safetensors file (tensors + JSON metadata in its header)."""
-        tensors = {"cls": self.cls, "patches": self.patches,
+        tensors = {"cls": self.cls, "patches": self.patches, "guide": torch.from_numpy(self.guide),
                    "foreground": torch.from_numpy(np.packbits(self.foreground.ravel()))}
         tensors.update({f"layer.{i}": t for i, t in self.layers.items()})
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=self._metadata())
+            save_file(tensors, str(tmp), metadata={"braindino_features": json.dumps(self.metadata())})
         return Path(path)
+
+    @staticmethod
+    def read_metadata(path: str | Path) -> dict:
+        """The metadata of a features file, without reading its tensors."""
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = (handle.metadata() or {}).get("braindino_features")
+        except (SafetensorError, OSError) as error:
+            raise BrainDINOError(path, f"not a readable features file ({error})") from None
+        if metadata is None:
+            raise BrainDINOError(path, "not a BrainDINO features file (no feature metadata)")
+        info = json.loads(metadata)
+        if info.get("format_version") != FORMAT_VERSION:
+            raise BrainDINOError(path, f"features format {info.get('format_version')} is not {FORMAT_VERSION}")
+        return info
 
     @classmethod
     def load(cls, path: str | Path) -> VolumeFeatures:
         path = Path(path)
+        info = cls.read_metadata(path)
         try:
             with safe_open(str(path), framework="pt") as handle:
-                metadata = (handle.metadata() or {}).get("braindino_features")
-                if metadata is None:
-                    raise BrainDINOError(path, "not a BrainDINO features file (no feature metadata)")
                 tensors = {key: handle.get_tensor(key) for key in handle.keys()}
         except (SafetensorError, OSError) as error:
             raise BrainDINOError(path, f"not a readable features file ({error})") from None
-        info = json.loads(metadata)
-        if info.get("format_version") != FORMAT_VERSION:
-            raise BrainDINOError(path, f"features format {info.get('format_version')} is not {FORMAT_VERSION}")
         shape = tuple(info["foreground_shape"])
         foreground = np.unpackbits(tensors["foreground"].numpy(), count=int(np.prod(shape))).reshape(shape).astype(bool)
         geometry = {k: Geometry(**{f: tuple(v) for f, v in info[k].items()}) for k in ("geometry", "stored")}
@@ -101,5 +220,6 @@ class VolumeFeatures:
                    slices=SliceGeometry.from_dict(info["slices"]), geometry=geometry["geometry"],
                    stored=geometry["stored"], model_id=info["model_id"],
                    preprocessing=PreprocessConfig.from_dict(info["preprocessing"]), foreground=foreground,
+                   guide=tensors["guide"].numpy(), policy=ResolutionPolicy.from_dict(info["policy"]),
                    layers={int(k.split(".")[1]): v for k, v in tensors.items() if k.startswith("layer.")},
                    source=info.get("source", ""))

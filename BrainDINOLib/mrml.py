@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
 import numpy as np
@@ -25,6 +24,9 @@ import vtk
 from vtk.util import numpy_support
 
 from .errors import BrainDINOError
+from .heads.card import ClassInfo
+from .heads.painted import PaintedLabels
+from .heads.painted import painted_labels as painted_from_volume
 from .volume import Geometry, Volume
 
 log = logging.getLogger(__name__)
@@ -52,24 +54,6 @@ class ClassLike(Protocol):
     value: int
     name: str
     colour: tuple[int, int, int]
-
-
-@dataclass(frozen=True)
-class PaintedLabels:
-    """A partially painted segmentation read back for few-shot learning.
-
-    `labels` is an int16 `Volume` on the reference volume's canonical grid (0 = background, segment n of
-    `classes` = value n); `slice_indices` are the canonical axial slices (k) holding any painted voxel;
-    on those slices every unpainted voxel counts as background.
-    """
-
-    labels: Volume
-    slice_indices: tuple[int, ...]
-    classes: tuple[LabelClass, ...]
-
-    @property
-    def class_names(self) -> list[str]:
-        return [c.name for c in self.classes]
 
 
 # ---- geometry ----------------------------------------------------------------------------------------------
@@ -342,14 +326,10 @@ def labels_from_segmentation(segmentation_node, reference) -> tuple[Volume, tupl
 
 
 def painted_labels(segmentation_node, reference) -> PaintedLabels:
-    """A partially painted segmentation as few-shot training labels on the reference volume's grid."""
+    """A partially painted segmentation as few-shot training labels on the reference volume's grid (the same
+    checks as `braindino few-shot` applies to a label file)."""
     labels, classes = labels_from_segmentation(segmentation_node, reference)
-    painted = labels.array.reshape(labels.array.shape[0], -1).any(axis=1)
-    slice_indices = tuple(int(k) for k in np.flatnonzero(painted))
-    if not slice_indices:
-        raise BrainDINOError(segmentation_node.GetName(), "has no painted voxels; paint the structures on a few "
-                                                          "axial slices first")
-    return PaintedLabels(labels, slice_indices, classes)
+    return painted_from_volume(labels, [ClassInfo(*c) for c in classes], source=segmentation_node.GetName())
 
 
 # ---- tables and points -------------------------------------------------------------------------------------

@@ -3,11 +3,16 @@
 Steps, in order: foreground mask (Otsu threshold, largest connected component, holes filled) ->
 robust intensity normalisation (clip to percentiles of the foreground, then z-score with the foreground's
 mean and std, as BrainDINO's preprocessing) -> one in-plane crop box for the whole volume around the
-foreground, square in millimetres, with a margin -> each axial slice resized to the model's input size ->
-grey replicated to the model's channels. Slices with (almost) no foreground are skipped.
+foreground, square in millimetres, with a margin -> the axial slices chosen by the `ResolutionPolicy`
+(every n-th slice of the head) resized to the model's input size -> grey replicated to the model's channels.
 
-The crop box is shared by all slices, so patch (r, c) of every slice covers the same in-plane voxels and a
-per-patch map upsamples to the volume with one resize per slice (`SliceGeometry.upsample`).
+The box is a whole number of patches of a whole number of voxels each, so patch (r, c) of every slice covers
+the same in-plane voxels exactly. With a resolution in millimetres, the patch is that many millimetres of
+whole voxels and the input size follows from the box's size in patches; with a fixed input size (the old
+behaviour), the box is the head's size rounded up to whole voxels per patch.
+
+The stack also keeps the upsampling guide: the normalised intensities of every axial slice inside the box,
+quantised to uint8 (`GUIDE_*`), which maps use to put sub-patch detail back (`upsample.py`).
 """
 from __future__ import annotations
 
@@ -21,14 +26,20 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import BrainDINOError
+from .resolution import ResolutionPolicy
 from .volume import Volume
+
+# Normalised intensity z (foreground z-score) is kept as uint8 round((z - GUIDE_LOW) * GUIDE_SCALE).
+GUIDE_LOW = -4.0
+GUIDE_SCALE = 32.0
 
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    """How a volume becomes model input. Part of every feature-cache key."""
+    """How a volume's intensities and in-plane crop are prepared. Part of every feature-cache key.
 
-    image_size: int = 224
+    (How finely it is embedded is the `ResolutionPolicy`'s business.)"""
+
     clip_percentiles: tuple[float, float] = (0.5, 99.5)
     margin_mm: float = 8.0
     min_slice_foreground: float = 0.05  # skip slices whose foreground area is below this fraction of the largest
@@ -39,7 +50,8 @@ class PreprocessConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> PreprocessConfig:
-        data = dict(data)
+        """Read a config; `image_size`, part of it in cards written before the resolution policy, is ignored."""
+        data = {k: v for k, v in data.items() if k != "image_size"}
         if "clip_percentiles" in data:
             data["clip_percentiles"] = tuple(data["clip_percentiles"])
         return cls(**data)
@@ -47,21 +59,49 @@ class PreprocessConfig:
 
 @dataclass(frozen=True)
 class SliceGeometry:
-    """Where each model input came from: slice indices k and the in-plane box (rows j, cols i) it covers.
+    """Where the tokens came from: embedded axial slices k, the in-plane box (rows j, cols i) they cover,
+    and the token grid over that box.
 
-    The box may extend past the volume (it is padded with background); `upsample` crops it back.
+    The box may extend past the volume (it is padded with background). Grid cell (r, c) covers the box
+    rows [origin + r * cell, origin + (r + 1) * cell) (and likewise for columns), in box voxels. With a
+    shift ensemble of N, the grid is N times finer than the patches and starts a fraction of a patch in.
     """
 
     volume_shape: tuple[int, int, int]
     slice_indices: tuple[int, ...]
     box: tuple[int, int, int, int]  # row0, col0, rows, cols (voxels, canonical array axes j and i)
-    image_size: int
+    image_size: int  # model input side in pixels (of each shifted window)
     patch_size: int
+    shifts: int = 1
+
+    @property
+    def patches(self) -> int:
+        """Patches along each side of one model input."""
+        return self.image_size // self.patch_size
 
     @property
     def grid(self) -> tuple[int, int]:
-        side = self.image_size // self.patch_size
+        side = self.patches * self.shifts
         return side, side
+
+    @property
+    def cell(self) -> tuple[float, float]:
+        """Box voxels per grid cell (rows, cols)."""
+        rows, cols = self.box[2:]
+        side = self.patches * self.shifts
+        return rows / side, cols / side
+
+    @property
+    def origin(self) -> tuple[float, float]:
+        """Where the first grid cell starts, in box voxels (rows, cols): 0 without shifts."""
+        rows, cols = self.box[2:]
+        start = (1 - 1 / self.shifts) / 2 / self.patches
+        return rows * start, cols * start
+
+    @property
+    def covered(self) -> range:
+        """The voxel slices that have features: the embedded ones and every slice between them."""
+        return range(self.slice_indices[0], self.slice_indices[-1] + 1)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -69,35 +109,8 @@ class SliceGeometry:
     @classmethod
     def from_dict(cls, data: dict) -> SliceGeometry:
         return cls(volume_shape=tuple(data["volume_shape"]), slice_indices=tuple(data["slice_indices"]),
-                   box=tuple(data["box"]), image_size=int(data["image_size"]), patch_size=int(data["patch_size"]))
-
-    def upsample(self, per_patch: Tensor | np.ndarray, mode: str = "bilinear", fill: float = 0.0,
-                 chunk: int = 16) -> np.ndarray:
-        """A per-patch map [S, h, w, K] (or [S, h, w]) -> float32 voxel array [Z, Y, X, K] (or [Z, Y, X]).
-
-        Slices that were skipped get `fill`. Work is done `chunk` slices at a time to bound memory.
-        """
-        maps = per_patch if isinstance(per_patch, Tensor) else torch.from_numpy(np.array(per_patch, np.float32))
-        squeeze = maps.ndim == 3
-        if squeeze:
-            maps = maps[..., None]
-        if maps.shape[0] != len(self.slice_indices) or tuple(maps.shape[1:3]) != self.grid:
-            raise ValueError(f"per-patch map of shape {tuple(maps.shape)} does not match "
-                             f"{len(self.slice_indices)} slices of grid {self.grid}")
-        depth, rows, cols = self.volume_shape
-        out = np.full((depth, rows, cols, maps.shape[-1]), fill, dtype=np.float32)
-        row0, col0, box_rows, box_cols = self.box
-        # Part of the box inside the volume, in box coordinates and in volume coordinates.
-        r_lo, c_lo = max(0, -row0), max(0, -col0)
-        r_hi, c_hi = min(box_rows, rows - row0), min(box_cols, cols - col0)
-        kwargs = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
-        indices = np.asarray(self.slice_indices)
-        for start in range(0, len(indices), chunk):
-            block = maps[start:start + chunk].permute(0, 3, 1, 2).float()
-            resized = F.interpolate(block, size=(box_rows, box_cols), mode=mode, **kwargs)
-            inside = resized[:, :, r_lo:r_hi, c_lo:c_hi].permute(0, 2, 3, 1).numpy()
-            out[indices[start:start + chunk], row0 + r_lo:row0 + r_hi, col0 + c_lo:col0 + c_hi] = inside
-        return out[..., 0] if squeeze else out
+                   box=tuple(data["box"]), image_size=int(data["image_size"]), patch_size=int(data["patch_size"]),
+                   shifts=int(data.get("shifts", 1)))
 
 
 def foreground_mask(volume: Volume) -> np.ndarray:
@@ -119,53 +132,39 @@ def normalise_intensity(array: np.ndarray, mask: np.ndarray, percentiles: tuple[
     return ((clipped - float(inside.mean())) / std).astype(np.float32)
 
 
-def _crop_box(mask: np.ndarray, spacing_ij: tuple[float, float], margin_mm: float) -> tuple[int, int, int, int]:
-    """One square-in-millimetres in-plane box (row0, col0, rows, cols) around the foreground of all slices."""
+def _foreground_extent(mask: np.ndarray) -> tuple[float, float, int, int]:
+    """Centre (row, col) and extent (rows, cols) in voxels of the foreground of all slices of `mask`."""
     rows_any = np.flatnonzero(mask.any(axis=(0, 2)))
     cols_any = np.flatnonzero(mask.any(axis=(0, 1)))
+    return ((rows_any[0] + rows_any[-1] + 1) / 2, (cols_any[0] + cols_any[-1] + 1) / 2,
+            int(rows_any[-1] + 1 - rows_any[0]), int(cols_any[-1] + 1 - cols_any[0]))
+
+
+def natural_box(mask: np.ndarray, spacing_ij: tuple[float, float], margin_mm: float,
+                patches: int) -> tuple[int, int, int, int]:
+    """One square-in-millimetres in-plane box (row0, col0, rows, cols) around the foreground of all slices, its
+    sides rounded up to a whole number of voxels per patch (`patches` patches per side)."""
+    centre_r, centre_c, extent_r, extent_c = _foreground_extent(mask)
     spacing_i, spacing_j = spacing_ij
-    centre_r = (rows_any[0] + rows_any[-1] + 1) / 2
-    centre_c = (cols_any[0] + cols_any[-1] + 1) / 2
-    side_mm = max((rows_any[-1] + 1 - rows_any[0]) * spacing_j, (cols_any[-1] + 1 - cols_any[0]) * spacing_i)
-    side_mm += 2 * margin_mm
-    box_rows, box_cols = math.ceil(side_mm / spacing_j), math.ceil(side_mm / spacing_i)
+    side_mm = max(extent_r * spacing_j, extent_c * spacing_i) + 2 * margin_mm
+    box_rows = math.ceil(side_mm / spacing_j / patches) * patches
+    box_cols = math.ceil(side_mm / spacing_i / patches) * patches
     return (int(round(centre_r - box_rows / 2)), int(round(centre_c - box_cols / 2)), box_rows, box_cols)
 
 
-@dataclass
-class SliceStack:
-    """Model-ready axial slices of one volume ([S, 1, H, W] float32) plus their `SliceGeometry`."""
+def patch_aligned_box(mask: np.ndarray, spacing_ij: tuple[float, float], margin_mm: float, patch_mm: float,
+                      multiple: int = 1) -> tuple[tuple[int, int, int, int], int]:
+    """The square box around the foreground as a whole number of patches of whole voxels: (box, patches per side).
 
-    images: Tensor
-    geometry: SliceGeometry
-    foreground: np.ndarray  # bool [Z, Y, X] on the canonical grid
-    config: PreprocessConfig = field(default_factory=PreprocessConfig)
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-    def batch(self, start: int, stop: int, channels: int) -> Tensor:
-        """Slices [start, stop) as [B, channels, H, W] (grey replicated: a view, no copy)."""
-        return self.images[start:stop].expand(-1, channels, -1, -1)
-
-    @classmethod
-    def from_volume(cls, volume: Volume, patch_size: int, config: PreprocessConfig | None = None) -> SliceStack:
-        config = config or PreprocessConfig()
-        if config.image_size % patch_size:
-            raise ValueError(f"image_size {config.image_size} is not a multiple of the patch size {patch_size}")
-        mask = foreground_mask(volume)
-        if mask.sum() < config.min_foreground_voxels:
-            raise BrainDINOError(volume.source or "volume", f"no usable foreground: only {int(mask.sum())} voxels "
-                                                            "stand out from the background")
-        area = mask.sum(axis=(1, 2))
-        keep = np.flatnonzero(area >= config.min_slice_foreground * area.max())
-        normalised = normalise_intensity(volume.array, mask, config.clip_percentiles)
-        background = float(normalised[~mask].min()) if (~mask).any() else float(normalised.min())
-        spacing_i, spacing_j = volume.geometry.spacing[:2]
-        box = _crop_box(mask[keep], (spacing_i, spacing_j), config.margin_mm)
-        images = _resample_box(normalised[keep], box, config.image_size, background)
-        geometry = SliceGeometry(volume.shape, tuple(int(k) for k in keep), box, config.image_size, patch_size)
-        return cls(images, geometry, mask, config)
+    Each patch is `patch_mm` rounded to a whole number of voxels along rows and along columns, at least one
+    and a multiple of `multiple` (a shift ensemble's N, so shifted windows move by whole voxels)."""
+    centre_r, centre_c, extent_r, extent_c = _foreground_extent(mask)
+    spacing_i, spacing_j = spacing_ij
+    voxels_j, voxels_i = (max(1, round(patch_mm / spacing / multiple)) * multiple for spacing in spacing_ij[::-1])
+    side_mm = max(extent_r * spacing_j, extent_c * spacing_i) + 2 * margin_mm
+    patches = max(1, math.ceil(side_mm / (voxels_j * spacing_j)), math.ceil(side_mm / (voxels_i * spacing_i)))
+    box_rows, box_cols = patches * voxels_j, patches * voxels_i
+    return (int(round(centre_r - box_rows / 2)), int(round(centre_c - box_cols / 2)), box_rows, box_cols), patches
 
 
 def crop_box(slices: np.ndarray, box: tuple[int, int, int, int], background: float = 0.0) -> np.ndarray:
@@ -176,6 +175,94 @@ def crop_box(slices: np.ndarray, box: tuple[int, int, int, int], background: flo
     padded = np.pad(slices, pad, constant_values=background)
     r, c = row0 + pad[1][0], col0 + pad[2][0]
     return np.ascontiguousarray(padded[:, r:r + box_rows, c:c + box_cols])
+
+
+def quantise_guide(normalised: np.ndarray) -> np.ndarray:
+    """Normalised intensities -> the uint8 upsampling guide (see `GUIDE_LOW`, `GUIDE_SCALE`)."""
+    return np.clip(np.rint((normalised - GUIDE_LOW) * GUIDE_SCALE), 0, 255).astype(np.uint8)
+
+
+def embedded_slices(foreground_area: np.ndarray, min_fraction: float, step: int) -> list[int]:
+    """Axial slices to embed: every `step`-th from the first to the last slice with at least `min_fraction`
+    of the largest foreground area, always including the last (so interpolation covers the whole head)."""
+    kept = np.flatnonzero(foreground_area >= min_fraction * foreground_area.max())
+    first, last = int(kept[0]), int(kept[-1])
+    chosen = list(range(first, last + 1, step))
+    if chosen[-1] != last:
+        chosen.append(last)
+    return chosen
+
+
+@dataclass
+class SliceStack:
+    """Model-ready axial slices of one volume plus their `SliceGeometry` and the upsampling guide.
+
+    `images` is [S, 1, H, W]; with a shift ensemble of N it covers the box extended by one patch at the
+    bottom and right, and `batch` cuts the N x N shifted windows out of it.
+    """
+
+    images: Tensor
+    geometry: SliceGeometry
+    foreground: np.ndarray  # bool [Z, Y, X] on the canonical grid
+    guide: np.ndarray  # uint8 [Z, rows, cols]: normalised intensities inside the box (see quantise_guide)
+    config: PreprocessConfig = field(default_factory=PreprocessConfig)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def batch(self, start: int, stop: int, channels: int) -> Tensor:
+        """Slices [start, stop) as model input [B * N^2, channels, H, W], windows in (slice, row shift, column
+        shift) order (grey replicated: views, no copy, without shifts)."""
+        shifts, size = self.geometry.shifts, self.geometry.image_size
+        images = self.images[start:stop]
+        if shifts > 1:
+            step = self.geometry.patch_size // shifts
+            images = torch.stack([images[:, :, a * step:a * step + size, b * step:b * step + size]
+                                  for a in range(shifts) for b in range(shifts)], dim=1).flatten(0, 1)
+        return images.expand(-1, channels, -1, -1)
+
+    def interleave(self, tokens: Tensor) -> Tensor:
+        """Per-window token grids [B * N^2, h, w, D] -> one grid per slice [B, h * N, w * N, D]."""
+        shifts = self.geometry.shifts
+        if shifts == 1:
+            return tokens
+        _, h, w, dim = tokens.shape
+        grids = tokens.reshape(-1, shifts, shifts, h, w, dim).permute(0, 3, 1, 4, 2, 5)
+        return grids.reshape(-1, h * shifts, w * shifts, dim)
+
+    @classmethod
+    def from_volume(cls, volume: Volume, patch_size: int, config: PreprocessConfig | None = None,
+                    policy: ResolutionPolicy | None = None) -> SliceStack:
+        config = config or PreprocessConfig()
+        policy = policy or ResolutionPolicy()
+        if policy.image_size is not None and policy.image_size % patch_size:
+            raise BrainDINOError(f"image size {policy.image_size}",
+                                 f"is not a multiple of the model's patch size {patch_size}")
+        if policy.shifts > 1 and patch_size % policy.shifts:
+            raise BrainDINOError(f"{policy.shifts} shifts", f"do not divide the model's patch size {patch_size}")
+        mask = foreground_mask(volume)
+        if mask.sum() < config.min_foreground_voxels:
+            raise BrainDINOError(volume.source or "volume", f"no usable foreground: only {int(mask.sum())} voxels "
+                                                            "stand out from the background")
+        spacing_i, spacing_j, spacing_k = volume.geometry.spacing
+        indices = embedded_slices(mask.sum(axis=(1, 2)), config.min_slice_foreground, policy.slice_step(spacing_k))
+        normalised = normalise_intensity(volume.array, mask, config.clip_percentiles)
+        background = float(normalised[~mask].min()) if (~mask).any() else float(normalised.min())
+        if policy.image_size is not None:
+            image_size = policy.image_size
+            box = natural_box(mask[indices], (spacing_i, spacing_j), config.margin_mm, image_size // patch_size)
+        else:
+            box, patches = patch_aligned_box(mask[indices], (spacing_i, spacing_j), config.margin_mm, policy.patch_mm,
+                                             policy.shifts)
+            image_size = patches * patch_size
+        geometry = SliceGeometry(volume.shape, tuple(indices), box, image_size, patch_size, policy.shifts)
+        guide = quantise_guide(crop_box(normalised, box, background))
+        if policy.shifts > 1:  # one more patch at the bottom and right for the shifted windows
+            row0, col0, rows, cols = box
+            per_patch = rows // geometry.patches, cols // geometry.patches
+            box, image_size = (row0, col0, rows + per_patch[0], cols + per_patch[1]), image_size + patch_size
+        images = _resample_box(normalised[indices], box, image_size, background)
+        return cls(images, geometry, mask, guide, config)
 
 
 def _resample_box(slices: np.ndarray, box: tuple[int, int, int, int], size: int, background: float,

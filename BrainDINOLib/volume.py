@@ -255,6 +255,20 @@ def read_volume(path: str | Path, frame: int = 0) -> Volume:
     return volume
 
 
+def read_label_volume(path: str | Path) -> Volume:
+    """Read a label volume (whole numbers, 0 = background) as a canonical int64 `Volume`.
+
+    Unlike `read_volume`, an empty (all-zero) label volume is not an error here; its caller decides."""
+    path = Path(path)
+    with _quiet_itk():
+        image = _to_3d(_read_image(path), path, 0)
+    volume = Volume.from_image(image, source=str(path))
+    array = volume.array
+    if not np.issubdtype(array.dtype, np.integer) and (not np.isfinite(array).all() or (array != np.round(array)).any()):
+        raise BrainDINOError(path, "is not a label volume (its values are not whole numbers)")
+    return volume.with_array(array.astype(np.int64))
+
+
 def write_volume(volume: Volume, path: str | Path) -> Path:
     """Write `volume` atomically on the grid of the file it came from (NIfTI, NRRD, MHA: by suffix)."""
     path = Path(path)

@@ -9,9 +9,12 @@ from dataclasses import replace
 from pathlib import Path
 
 
+from BrainDINOLib.resolution import ResolutionPolicy
+from BrainDINOLib.session import FeatureSession
 from BrainDINOLib.synthetic import CaseConfig, make_cases
 
-IMAGE_SIZE = 112  # 7 x 7 patches per slice with the patch-16 fixture: cheap, enough for subject tasks
+# 7 x 7 patches on every slice with the patch-16 fixture: cheap, enough for subject tasks.
+SUBJECT_RESOLUTION = ResolutionPolicy(image_size=112, upsampling="bilinear")
 # Milder nuisance than the defaults, and survival with a steeper hazard and little censoring, so that the
 # few dozen cases a test can afford show the effect clearly.
 TEST_CASES = replace(CaseConfig(), spacing_mm=3.0, bias=0.1, contrast_jitter=0.03, hazard_beta=2.0,
@@ -26,3 +29,7 @@ def make_cohort(root: Path, task: str, train: int, test: int, **kwargs) -> Path:
     return manifest
 
 
+
+
+def heads_session(encoder, cache=None, policy: ResolutionPolicy = SUBJECT_RESOLUTION) -> FeatureSession:
+    return FeatureSession.for_encoder(encoder, policy, cache)

@@ -50,7 +50,8 @@ def test_embed_writes_features(tmp_path, teacher_checkpoint, capsys):
                  "--layers", "0,2", "--out", str(out), "--cache-dir", str(tmp_path / "cache")])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "x 7x7 patches x 256 dims" in printed and f"wrote {out}" in printed
+    assert "x 7x7 tokens x 256 dims" in printed and f"wrote {out}" in printed
+    assert "features: " in printed and "112 px input, every slice, guided upsampling" in printed
     features = VolumeFeatures.load(out)
     assert features.grid == (7, 7) and set(features.layers) == {0, 2}
     assert features.source == str(SAMPLE_T1)

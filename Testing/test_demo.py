@@ -11,6 +11,7 @@ from volume_factories import downsampled
 from BrainDINOLib.cli import main
 from BrainDINOLib.atlas import COLIN27_AAL, LOBES, aal_names, merge_aal_into_lobes
 from BrainDINOLib.demo import LEFT_PUTAMEN, DemoConfig, run_demo
+from BrainDINOLib.resolution import ResolutionPolicy
 from BrainDINOLib.volume import read_volume
 
 
@@ -36,8 +37,8 @@ def small_sample(tmp_path_factory):
 
 def test_demo_runs_end_to_end(small_sample, teacher_checkpoint, tmp_path):
     t1, atlas = small_sample
-    config = DemoConfig(volume=t1, atlas=atlas, model=teacher_checkpoint, image_size=112, clusters=4,
-                        labelled_slices=3)
+    config = DemoConfig(volume=t1, atlas=atlas, model=teacher_checkpoint, policy=ResolutionPolicy(patch_mm=16.0),
+                        clusters=4, labelled_slices=3)
     steps = []
     result = run_demo(tmp_path / "demo", config, on_step=lambda name, seconds: steps.append(name))
     assert steps == list(result.seconds) and len(steps) == 7 and all(s >= 0 for s in result.seconds.values())

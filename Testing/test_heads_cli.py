@@ -1,8 +1,9 @@
 """The head commands end to end: make-cases -> fit-head (segmentation) -> evaluate -> segment -> predict.
 
-Tissue cases (3 training, 2 test, 3 mm), the fixture encoder (random weights) at 224 px with blocks 0-2 and
-a linear head. Measured test Dice: grey matter 0.73, white matter 0.60, CSF 0.04 (thin, barely learned from 14-mm
-patches of random features), mean 0.46; asserted above 0.35, and clearly above labelling the brain with one class.
+Tissue cases (3 training, 2 test, 3 mm), the fixture encoder (random weights) at 224 px on every slice with
+blocks 0-2, guided upsampling and a linear head. Measured test Dice: grey matter 0.75, white matter 0.76, CSF
+0.14 (thin, barely learned from 16-mm patches of random features), mean 0.55 (0.46 with bilinear upsampling);
+asserted above 0.45, and clearly above labelling the brain with one class.
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ def test_fit_head_writes_head_report_and_test_metrics(fitted):
     metrics = json.loads((report / "metrics.json").read_text())
     assert metrics["cases"] == 2
     print("segmentation test metrics", metrics["mean_dice"], metrics["dice_per_class"])
-    assert metrics["mean_dice"] > 0.35, metrics
+    assert metrics["mean_dice"] > 0.45, metrics
     assert (report / "metrics.csv").read_text().startswith("metric,value")
     assert (report / "learning_curves.png").stat().st_size > 1000
     assert (report / "predictions.csv").exists()

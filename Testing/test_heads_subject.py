@@ -1,6 +1,6 @@
 """Subject heads (classification, kNN, regression, survival incl. multi-modal fusion) on generated cohorts.
 
-Encoder: the tiny fixture (random weights) at 112 px; 3-mm cases with mild nuisance (heads_helpers). Each
+Encoder: the tiny fixture (random weights) at 112 px on every slice; 3-mm cases with mild nuisance (heads_helpers). Each
 head is fitted on the training cases of a manifest and scored on disjoint held-out test cases; the
 thresholds sit below the figures measured with these exact settings (in each test's comment).
 
@@ -21,7 +21,7 @@ from BrainDINOLib.heads.fitting import FeatureSource
 from BrainDINOLib.heads.head import module_state_equal
 from BrainDINOLib.synthetic import SEQUENCES
 from BrainDINOLib.threads import torch_threads
-from heads_helpers import IMAGE_SIZE, make_cohort
+from heads_helpers import heads_session, make_cohort
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +40,11 @@ def fit_and_test(manifest, encoder, cache, **options):
     """Fit on the training rows and evaluate on the test rows. With two dozen subjects, holding out a
     validation part for early stopping costs more than it saves: train all of them for 60 epochs."""
     options = {"val_fraction": 0.0, **options}
-    config = FitConfig(image_size=IMAGE_SIZE, training=TrainConfig(max_epochs=60), **options)
+    config = FitConfig(training=TrainConfig(max_epochs=60), **options)
+    session = heads_session(encoder, cache)
     with torch_threads(1):
-        result = fit_head(Manifest.read(manifest), encoder, config, cache)
-        evaluation = evaluate(result.head, Manifest.read(manifest), encoder, cache, columns=config)
+        result = fit_head(Manifest.read(manifest), session, config)
+        evaluation = evaluate(result.head, Manifest.read(manifest), session, columns=config)
     print(config.task, config.pooling, {k: round(v, 3) for k, v in evaluation.metrics.items() if isinstance(v, float)})
     return result, evaluation
 
@@ -62,7 +63,7 @@ def test_sequence_classification_above_chance_and_reload(cohorts, fixture_encode
     reloaded = load_head(path)
     assert module_state_equal(result.head.module, reloaded.module)
     assert reloaded.card.class_names == sorted(SEQUENCES) and reloaded.card.pooling == "mean"
-    features = FeatureSource.for_head(reloaded, fixture_encoder, cache)
+    features = FeatureSource.for_head(reloaded, heads_session(fixture_encoder, cache))
     test_image = Manifest.read(cohorts["sequence"]).resolve(Manifest.read(cohorts["sequence"]).rows[-1]["image"])
     with torch_threads(1):
         one = features(test_image)
@@ -112,7 +113,7 @@ def test_multimodal_survival_orders_risk_above_chance(cohorts, fixture_encoder, 
     assert (write_report(tmp_path, evaluation, result.head)[-1]).name == "kaplan_meier.png"
     one = Manifest.read(cohorts["survival"]).rows[-1]
     with pytest.raises(BrainDINOError, match="needs 2 volume"):
-        features = FeatureSource.for_head(result.head, fixture_encoder, cache)
+        features = FeatureSource.for_head(result.head, heads_session(fixture_encoder, cache))
         predict_subject(result.head, features(cohorts["survival"].parent / one["image_t1"]))
 
 

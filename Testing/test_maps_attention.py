@@ -10,8 +10,10 @@ import torch
 from conftest import SAMPLE_T1
 from volume_factories import downsampled
 
-from BrainDINOLib import Architecture, CancelledError, PreprocessConfig, Volume
+from BrainDINOLib import Architecture, CancelledError, Volume
 from BrainDINOLib.maps import attention_map, last_block_attention
+from BrainDINOLib.resolution import ResolutionPolicy
+from BrainDINOLib.session import FeatureSession
 
 
 def attention_output(block, weights, values):
@@ -53,9 +55,8 @@ def volume_4mm():
 
 def test_attention_map_shapes_progress_and_cancel(volume_4mm, fixture_encoder):
     calls = []
-    config = PreprocessConfig(image_size=112)
-    result = attention_map(volume_4mm, fixture_encoder, config=config, batch_size=16,
-                           progress=lambda done, total: calls.append((done, total)))
+    session = FeatureSession.for_encoder(fixture_encoder, ResolutionPolicy(patch_mm=16.0), batch_size=4)
+    result = attention_map(session, volume_4mm, progress=lambda done, total: calls.append((done, total)))
     heads = fixture_encoder.architecture.num_heads
     assert result.mean.shape == volume_4mm.shape and result.heads.array.shape == (*volume_4mm.shape, heads)
     np.testing.assert_allclose(result.mean.array, result.heads.array.mean(-1), atol=1e-6)
@@ -63,4 +64,21 @@ def test_attention_map_shapes_progress_and_cancel(volume_4mm, fixture_encoder):
     assert result.heads.array.min() >= 0 and result.heads.array.max() < 1
     assert calls[-1][0] == calls[-1][1] and len(calls) > 1
     with pytest.raises(CancelledError):
-        attention_map(volume_4mm, fixture_encoder, config=config, batch_size=16, cancel=lambda: True)
+        attention_map(session, volume_4mm, cancel=lambda: True)
+
+
+def test_shift_ensemble_attention_interleaves_the_windows(volume_4mm, fixture_encoder):
+    """With 2 x 2 shifts the grid is twice as fine, and cell (2r + a, 2c + b) is window (a, b)'s patch (r, c)."""
+    session = FeatureSession.for_encoder(fixture_encoder, ResolutionPolicy(patch_mm=16.0, shifts=2))
+    plain = FeatureSession.for_encoder(fixture_encoder, ResolutionPolicy(patch_mm=16.0))
+    stack, plain_stack = session.slice_stack(volume_4mm), plain.slice_stack(volume_4mm)
+    assert stack.geometry.grid == tuple(2 * side for side in plain_stack.geometry.grid)
+    windows = stack.batch(3, 4, 3)
+    assert windows.shape == (4, 3, *plain_stack.images.shape[-2:])
+    # Window (0, 0) is the unshifted input.
+    torch.testing.assert_close(windows[0], plain_stack.batch(3, 4, 3)[0])
+    tokens = fixture_encoder.tokens(windows).patches  # [4, h, w, D]
+    grid = stack.interleave(tokens)[0]
+    for a in range(2):
+        for b in range(2):
+            torch.testing.assert_close(grid[a::2, b::2], tokens[2 * a + b])

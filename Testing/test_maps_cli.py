@@ -26,7 +26,7 @@ def run(capsys, *argv):
 
 
 def test_every_map_command_writes_its_volume_and_picture(small_nifti, teacher_checkpoint, tmp_path, capsys):
-    common = ["--model", teacher_checkpoint, "--image-size", "112", "--cache-dir", tmp_path / "cache"]
+    common = ["--model", teacher_checkpoint, "--patch-mm", "16", "--cache-dir", tmp_path / "cache"]
     commands = {
         "pca": ["--components", "4", "--components-out", tmp_path / "pca_components.nrrd"],
         "similarity": ["--point-ras=-24,4,2"],
@@ -52,7 +52,7 @@ def test_every_map_command_writes_its_volume_and_picture(small_nifti, teacher_ch
 
 def test_bad_map_requests_fail_with_one_line(small_nifti, teacher_checkpoint, tmp_path, capsys):
     code, _, stderr = run(capsys, "similarity", small_nifti, "--out", tmp_path / "s.nii.gz", "--point-lps=400,0,0",
-                          "--model", teacher_checkpoint, "--image-size", "112", "--no-cache")
+                          "--model", teacher_checkpoint, "--patch-mm", "16", "--no-cache")
     assert code == 2 and stderr.startswith("braindino: error: point (LPS mm) (400.0, 0.0, 0.0): lies outside the volume")
     assert len(stderr.strip().splitlines()) == 1
     with pytest.raises(SystemExit):

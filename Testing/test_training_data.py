@@ -12,7 +12,8 @@ import torch
 from training_helpers import (MICRO_CONFIG, REPO, environment, micro_shards, single_thread,  # noqa: F401
                               two_mm_brain)
 
-from BrainDINOLib import BrainDINOError, PreprocessConfig, SliceStack, read_volume
+from BrainDINOLib import BrainDINOError, SliceStack, read_volume
+from BrainDINOLib.resolution import ResolutionPolicy
 from BrainDINOLib.training import SliceShards, load_config, prepare_slices
 from BrainDINOLib.training.batches import StepBatches
 
@@ -23,7 +24,8 @@ def shards(tmp_path_factory):
 
 
 def test_shards_hold_the_engines_own_model_input(shards, tmp_path_factory):
-    stack = SliceStack.from_volume(read_volume(two_mm_brain(tmp_path_factory)), 16, PreprocessConfig(image_size=64))
+    stack = SliceStack.from_volume(read_volume(two_mm_brain(tmp_path_factory)), 16,
+                                   policy=ResolutionPolicy(image_size=64, upsampling="bilinear"))
     assert len(shards) == len(stack) > 50
     assert shards.image_size == 64 and len(shards.index["shards"]) == -(-len(stack) // 32)
     for i in (0, 40, len(stack) - 1):

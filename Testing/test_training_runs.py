@@ -91,7 +91,7 @@ def test_exported_teacher_round_trips_through_load_encoder(two_process_run):
         torch.testing.assert_close(tokens.cls, reference[:, 0], atol=tolerance, rtol=tolerance)
         torch.testing.assert_close(tokens.patches.flatten(1, 2), reference[:, 5:], atol=tolerance, rtol=tolerance)
     card = load_encoder(export / "micro.safetensors", device="cpu").card
-    assert card.preprocessing["image_size"] == 64 and card.provenance["steps"] == 3
+    assert card.provenance["slice_size"] == 64 and card.provenance["steps"] == 3
     raw = torch.load(export / "teacher_checkpoint.pth", map_location="cpu", weights_only=True)
     assert raw["iteration"] == 3 and "dino_head.prototypes" in raw["teacher"] and "ibot_head.mlp.0.weight" in raw["teacher"]
 

@@ -4,7 +4,7 @@
 patch probe, each run on the model, on the same architecture untrained and on raw intensity patches. The
 method is documented in BrainDINOLib/training/probe.py.
 
-    .venv/bin/python Training/probe_tissue.py --model demo [--image-size 448] [--json out.json]
+    .venv/bin/python Training/probe_tissue.py --model demo [--resolution legacy | --patch-mm 6] [--json out.json]
 """
 from __future__ import annotations
 
@@ -12,46 +12,40 @@ import argparse
 import json
 import logging
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from BrainDINOLib import load_encoder, read_volume  # noqa: E402
+from BrainDINOLib import read_volume  # noqa: E402
 from BrainDINOLib.atlas import MNI152_GM, MNI152_T1, MNI152_WM  # noqa: E402
 from BrainDINOLib.atomic import write_text_atomic  # noqa: E402
 from BrainDINOLib.cli import report_errors  # noqa: E402
-from BrainDINOLib.embedding import default_preprocessing  # noqa: E402
+from BrainDINOLib.commands.common import add_model_options, open_session  # noqa: E402
 from BrainDINOLib.training.probe import tissue_probe  # noqa: E402
 from BrainDINOLib.training.tissue import tissue_classes  # noqa: E402
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="demo", help="checkpoint or built-in model name (default demo)")
-    parser.add_argument("--image-size", type=int, default=None, help="default: the model's preprocessing")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    add_model_options(parser)
+    parser.set_defaults(device="cpu", no_cache=True)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    encoder = load_encoder(args.model, device="cpu")
-    preprocessing = default_preprocessing(encoder)
-    if args.image_size:
-        preprocessing = replace(preprocessing, image_size=args.image_size)
+    session = open_session(args)
     labels = tissue_classes(read_volume(MNI152_GM), read_volume(MNI152_WM))
-    results = tissue_probe(encoder, read_volume(MNI152_T1), labels, preprocessing)
+    results = tissue_probe(session, read_volume(MNI152_T1), labels)
 
-    grid = preprocessing.image_size // encoder.patch_size
-    print(f"MNI152 tissue probe: 10 train / 30 test axial slices, image {preprocessing.image_size} px, "
-          f"{grid}x{grid} patches of {encoder.patch_size} px; Dice per class")
+    print("MNI152 tissue probe: 10 train / 30 test axial slices; Dice per class")
     print(f"{'features':48s} {'voxel probe: CSF    GM    WM  mean':>36s}   {'patch probe: mean':>17s}")
     for name, dice in results.items():
         voxel = dice["voxel"]
         print(f"{name:48s} {voxel['CSF']:17.3f} {voxel['GM']:5.3f} {voxel['WM']:5.3f} {voxel['mean']:5.3f}"
               f"   {dice['patch']['mean']:17.3f}")
     if args.json:
-        summary = {"model": str(args.model), "model_id": encoder.model_id,
-                   "image_size": preprocessing.image_size, "dice": results}
+        summary = {"model": str(args.model), "model_id": session.encoder.model_id,
+                   "resolution": session.policy.to_dict(), "dice": results}
         write_text_atomic(args.json, json.dumps(summary, indent=1) + "\n")
     return 0
 

@@ -21,6 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from BrainDINOLib import Architecture, PreprocessConfig, embed_volume, read_volume
 from BrainDINOLib.checkpoints import ModelCard, save_safetensors
 from BrainDINOLib.encoder import load_encoder
+from BrainDINOLib.resolution import LEGACY
 from BrainDINOLib.slices import foreground_mask, normalise_intensity
 
 SAMPLE = Path(__file__).resolve().parents[1] / "BrainDINOLib" / "data" / "colin27_t1.nii.gz"
@@ -71,7 +72,7 @@ def main() -> None:
     naive_s = time.perf_counter() - start
 
     start = time.perf_counter()
-    features = embed_volume(volume, encoder, PreprocessConfig())
+    features = embed_volume(volume, encoder, PreprocessConfig(), LEGACY)
     engine_s = time.perf_counter() - start
 
     for name, slices, seconds in (("naive loop", naive_slices, naive_s), ("embed_volume", features.num_slices, engine_s)):

@@ -19,7 +19,8 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from BrainDINOLib import PreprocessConfig, Volume, embed_volume, load_encoder
+from BrainDINOLib import Volume, embed_volume, load_encoder
+from BrainDINOLib.resolution import DEFAULTS, ResolutionPolicy
 from BrainDINOLib.heads import few_shot_segment, segment
 from BrainDINOLib.heads.metrics import dice_per_class
 from BrainDINOLib.atlas import COLIN27_AAL, COLIN27_T1, merge_aal_into_lobes
@@ -40,7 +41,7 @@ def read_resampled(path: Path, spacing: float, labels: bool) -> Volume:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=str(FIXTURE))
-    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--patch-mm", type=float, default=DEFAULTS["cpu"].patch_mm)
     parser.add_argument("--layers", default="0,1,2")
     parser.add_argument("--spacing", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -53,13 +54,13 @@ def main() -> None:
     layers = tuple(int(x) for x in args.layers.split(",") if x)
 
     started = time.perf_counter()
-    features = embed_volume(volume, encoder, PreprocessConfig(image_size=args.image_size), layers=layers)
+    features = embed_volume(volume, encoder, policy=ResolutionPolicy(patch_mm=args.patch_mm), layers=layers)
     embed_s = time.perf_counter() - started
     print(f"encoder {encoder.model_id}, volume {volume.shape} at {args.spacing} mm, {features.num_slices} slices, "
           f"grid {features.grid}, blocks {layers}, {args.threads} thread(s)")
     print(f"baseline: embedding the volume            {embed_s:7.2f} s")
     area = (lobes > 0).sum(axis=(1, 2))
-    brain = [k for k in features.slices.slice_indices if area[k] > 0.3 * area.max()]
+    brain = [k for k in features.covered if area[k] > 0.3 * area.max()]
     for count in (3, 5):
         labelled = [brain[int(len(brain) * (i + 0.5) / count)] for i in range(count)]
         totals, segments = [], []

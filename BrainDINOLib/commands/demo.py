@@ -4,25 +4,27 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import add_model_options
+from .common import add_model_options, feature_cache, policy_from_args
 
 
 def run_demo_command(args: argparse.Namespace) -> int:
-    from ..cache import FeatureCache
     from ..checkpoints import BUILTIN_MODELS
     from ..demo import DemoConfig, run_demo
+    from ..encoder import select_device
     from ..errors import BrainDINOError
 
     if args.model in BUILTIN_MODELS and not BUILTIN_MODELS[args.model].exists():
         raise BrainDINOError(args.model, f"the demo model is not bundled in this installation "
                                          f"({BUILTIN_MODELS[args.model]} is missing); run the demo with "
                                          "--model CHECKPOINT")
-    config = DemoConfig(model=args.model, device=args.device or "cpu", image_size=args.image_size,
-                        batch_size=args.batch_size, clusters=args.clusters, labelled_slices=args.labelled_slices)
-    cache = None if args.no_cache else FeatureCache(args.cache_dir)
+    device = args.device or "cpu"
+    policy = policy_from_args(args, select_device(device).type)
+    config = DemoConfig(model=args.model, device=device, policy=policy, batch_size=args.batch_size,
+                        clusters=args.clusters, labelled_slices=args.labelled_slices)
     print(f"BrainDINO demo on {config.volume.name} with model {args.model}, point: {config.point.name} "
           f"(RAS {config.point.ras} mm)")
-    result = run_demo(args.out, config, cache=cache,
+    print(f"features: {policy.describe()} on {device}")
+    result = run_demo(args.out, config, cache=feature_cache(args),
                       on_step=lambda name, seconds: print(f"  {name:40s} {seconds:6.1f} s", flush=True))
     print(f"  {'total':40s} {sum(result.seconds.values()):6.1f} s")
     if result.dice:
@@ -43,7 +45,6 @@ def register(commands: argparse._SubParsersAction) -> None:
                                            "and one report picture, and prints how long each step took. Runs on the CPU unless "
                                            "--device is given.")
     demo.add_argument("--out", type=Path, required=True, help="output folder")
-    demo.add_argument("--image-size", type=int, default=None, help="model input size (default: the model's)")
     demo.add_argument("--clusters", type=int, default=8, help="k-means regions (default 8)")
     demo.add_argument("--labelled-slices", type=int, default=5,
                       help="axial slices the few-shot head learns from (default 5)")

@@ -4,10 +4,9 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 
-from .common import add_model_options, parse_layers, tqdm_progress
+from .common import add_model_options, open_session, parse_layers, tqdm_progress
 
 
 def run_info(args: argparse.Namespace) -> int:
@@ -38,32 +37,22 @@ def run_info(args: argparse.Namespace) -> int:
 
 
 def run_embed(args: argparse.Namespace) -> int:
-    from ..cache import FeatureCache
-    from ..embedding import default_preprocessing, embed_volume
-    from ..encoder import load_encoder
     from ..volume import read_volume
 
     volume = read_volume(args.volume)
-    encoder = load_encoder(args.model, device=args.device)
-    config = default_preprocessing(encoder)
-    if args.image_size:
-        config = replace(config, image_size=args.image_size)
-    cache = None if args.no_cache else FeatureCache(args.cache_dir)
+    session = open_session(args)
+    layers = session.segmentation_layers if args.layers is None else args.layers
     progress, bar = tqdm_progress("embedding")
     started = time.perf_counter()
     with bar:
-        features = embed_volume(volume, encoder, config=config, layers=args.layers, batch_size=args.batch_size,
-                                progress=progress, cache=cache)
+        features = session.features(volume, layers, progress=progress)
     elapsed = time.perf_counter() - started
-    h, w = features.grid
-    print(f"{features.num_slices} slices x {h}x{w} patches x {encoder.embed_dim} dims "
-          f"from {args.volume} with {encoder.model_id} in {elapsed:.1f} s")
+    print(f"{features.describe()} from {args.volume} with {session.encoder.model_id} in {elapsed:.1f} s")
     if args.out:
         print(f"wrote {features.save(args.out)}")
-    elif cache is not None:
-        print(f"cached in {cache.root}")
+    elif session.cache is not None:
+        print(f"cached in {session.cache.root}")
     return 0
-
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -75,7 +64,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     embed = commands.add_parser("embed", help="compute (and cache) the features of a volume")
     embed.add_argument("volume", help="NIfTI/NRRD/MHA file or DICOM folder")
     embed.add_argument("--out", type=Path, default=None, help="also write the features to this .safetensors file")
-    embed.add_argument("--layers", type=parse_layers, default=(), help="intermediate blocks to keep, e.g. 2,5,8,11")
-    embed.add_argument("--image-size", type=int, default=None, help="model input size (default: the model's)")
+    embed.add_argument("--layers", type=parse_layers, default=None,
+                       help="intermediate blocks to keep, e.g. 2,5,8,11 (default: the blocks segmentation reads; "
+                            "'' for none)")
     add_model_options(embed)
     embed.set_defaults(run=run_embed)

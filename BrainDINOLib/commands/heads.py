@@ -6,7 +6,7 @@ import json
 import time
 from pathlib import Path
 
-from .common import add_model_options, parse_layers, tqdm_progress
+from .common import add_model_options, open_session, parse_layers, tqdm_progress
 
 TASK_CHOICES = ("segmentation", "classification", "regression", "survival", "knn")
 
@@ -15,15 +15,10 @@ def _comma_list(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
 
 
-def _cache(args: argparse.Namespace):
-    from ..cache import FeatureCache
-    return None if args.no_cache else FeatureCache(args.cache_dir)
-
-
 # Command-line option -> field of `TrainConfig` / `FitConfig` (an option a command lacks keeps the default).
 TRAINING_OPTIONS = {"epochs": "max_epochs", "lr": "learning_rate", "batch": "batch_size", "patience": "patience",
                     "seed": "seed"}
-FIT_OPTIONS = ("kind", "pooling", "hidden", "layers", "image_size", "image_columns", "label_column", "target_column",
+FIT_OPTIONS = ("kind", "pooling", "hidden", "layers", "image_columns", "label_column", "target_column",
                "time_column", "event_column", "val_fraction", "folds", "label_fraction", "seed")
 
 
@@ -50,19 +45,17 @@ def _print_scalars(title: str, metrics: dict) -> None:
 
 
 def run_fit_head(args: argparse.Namespace) -> int:
-    from ..encoder import load_encoder
     from ..heads import Manifest, evaluate, fit_head, save_head, write_report
     from ..heads.evaluation import Evaluation
 
     manifest = Manifest.read(args.manifest)
-    encoder = load_encoder(args.model, device=args.device)
+    session = open_session(args)
     config = _fit_config(args, args.task)
-    cache = _cache(args)
     report = args.report or args.out.with_name(args.out.name.split(".")[0] + "_report")
     started = time.perf_counter()
     progress, bar = tqdm_progress("features", unit="case")
     with bar:
-        result = fit_head(manifest, encoder, config, cache, progress=progress)
+        result = fit_head(manifest, session, config, progress=progress)
     save_head(result.head, args.out)
     print(f"fitted a {args.task} head in {time.perf_counter() - started:.1f} s; wrote {args.out}")
     fit_metrics = Evaluation(result.metrics, [])
@@ -71,7 +64,7 @@ def run_fit_head(args: argparse.Namespace) -> int:
         if part in result.metrics:
             _print_scalars(part, result.metrics[part])
     if manifest.select("test") and "split" in manifest.columns:
-        evaluation = evaluate(result.head, manifest, encoder, cache, split="test", columns=config)
+        evaluation = evaluate(result.head, manifest, session, split="test", columns=config)
         write_report(report, evaluation, result.head)
         _print_scalars("test", evaluation.metrics)
     print(f"report in {report}")
@@ -79,15 +72,14 @@ def run_fit_head(args: argparse.Namespace) -> int:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from ..encoder import load_encoder
     from ..heads import Manifest, evaluate, load_head, write_report
 
     head = load_head(args.head)
     manifest = Manifest.read(args.manifest)
-    encoder = load_encoder(args.model, device=args.device)
+    session = open_session(args)
     progress, bar = tqdm_progress("cases", unit="case")
     with bar:
-        evaluation = evaluate(head, manifest, encoder, _cache(args), split=None if args.split == "all" else args.split,
+        evaluation = evaluate(head, manifest, session, split=None if args.split == "all" else args.split,
                               columns=_fit_config(args, head.card.task), progress=progress)
     written = write_report(args.report, evaluation, head)
     _print_scalars(f"{head.card.task} ({evaluation.metrics.get('subjects', evaluation.metrics.get('cases'))} cases)",
@@ -97,11 +89,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def _head_features(args: argparse.Namespace, head):
-    from ..encoder import load_encoder
     from ..heads import FeatureSource
 
-    encoder = load_encoder(args.model, device=args.device)
-    return FeatureSource.for_head(head, encoder, _cache(args))
+    return FeatureSource.for_head(head, open_session(args))
 
 
 def _segmentation_output(out: Path | None, volume: str, many: bool) -> Path:
@@ -200,12 +190,13 @@ def register(commands: argparse._SubParsersAction) -> None:
     fit.add_argument("--manifest", required=True, type=Path, help="CSV: one row per case (see the README)")
     fit.add_argument("--out", required=True, type=Path, help="head file to write (.safetensors)")
     fit.add_argument("--report", type=Path, default=None, help="metrics and plots folder (default: <out>_report)")
-    fit.add_argument("--kind", default="", choices=("", "linear", "decoder"), help="segmentation head (default linear)")
+    fit.add_argument("--kind", default="", choices=("", "linear", "mlp", "decoder"),
+                     help="segmentation head (default linear)")
     fit.add_argument("--pooling", default="mean", choices=("mean", "attention"), help="subject pooling (default mean)")
     fit.add_argument("--hidden", type=int, default=256, help="subject heads: MLP width; 0 = linear (default 256)")
-    fit.add_argument("--layers", type=parse_layers, default=(),
-                     help="segmentation: blocks to concatenate, e.g. 2,5,8,11")
-    fit.add_argument("--image-size", type=int, default=None, help="model input size (default: the model's)")
+    fit.add_argument("--layers", type=parse_layers, default=None,
+                     help="segmentation: blocks to concatenate, e.g. 2,5,8,11 (default: four evenly spaced blocks "
+                          "ending with the last, as the Slicer module uses)")
     fit.add_argument("--classes", type=Path, default=None, help="segmentation: class names by label value, one a line")
     fit.add_argument("--val-fraction", type=float, default=0.2, help="validation share for early stopping (0.2)")
     fit.add_argument("--folds", type=int, default=0, help="k-fold cross-validation estimate (0: none)")

@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from .common import add_model_options, tqdm_progress
+from .common import add_model_options, open_session, tqdm_progress
 
 
 def output_path(text: str) -> Path:
@@ -48,28 +47,11 @@ def parse_point(text: str) -> np.ndarray:
     return np.array(values)
 
 
-def _load_model(args: argparse.Namespace):
-    """The encoder and the preprocessing to use (the model's, with --image-size if given)."""
-    from ..embedding import default_preprocessing
-    from ..encoder import load_encoder
-
-    encoder = load_encoder(args.model, device=args.device)
-    config = default_preprocessing(encoder)
-    if args.image_size:
-        config = replace(config, image_size=args.image_size)
-    return encoder, config
-
-
-def _features(args: argparse.Namespace, volume, encoder, config):
-    """Features of `volume` (from the cache when present), with a progress bar."""
-    from ..cache import FeatureCache
-    from ..embedding import embed_volume
-
-    cache = None if args.no_cache else FeatureCache(args.cache_dir)
+def _features(session, volume, layers=()):
+    """Features of `volume` from the session (its caches, or the encoder with a progress bar)."""
     progress, bar = tqdm_progress(f"embedding {Path(volume.source).name}")
     with bar:
-        return embed_volume(volume, encoder, config=config, batch_size=args.batch_size, progress=progress,
-                            cache=cache)
+        return session.features(volume, layers, progress=progress)
 
 
 def _write(volume, path: Path, what: str) -> None:
@@ -94,8 +76,8 @@ def run_pca(args: argparse.Namespace) -> int:
     from ..volume import read_volume
 
     volume = read_volume(args.volume)
-    encoder, config = _load_model(args)
-    features = _features(args, volume, encoder, config)
+    session = open_session(args)
+    features = _features(session, volume)
     result = pca_map(features, components=args.components, remove_background=not args.keep_background,
                      seed=args.seed)
     variance = ", ".join(f"{v:.1%}" for v in result.explained_variance_ratio)
@@ -104,7 +86,7 @@ def run_pca(args: argparse.Namespace) -> int:
         _write(result.components, args.components_out, f"{args.components} principal components")
     print(f"explained variance: {variance}")
     _montage(volume, result.rgb, args.png, OverlayStyle("rgb", alpha=0.8),
-             f"PCA of {encoder.model_id} features: {Path(args.volume).name}")
+             f"PCA of {session.encoder.model_id} features: {Path(args.volume).name}")
     return 0
 
 
@@ -117,14 +99,14 @@ def run_similarity(args: argparse.Namespace) -> int:
     point_lps = args.point_lps if args.point_lps is not None else ras_to_lps(args.point_ras)
     volume = read_volume(args.volume)
     voxel_of_point(volume.geometry, point_lps)  # refuse a point outside the volume before the slow part
-    encoder, config = _load_model(args)
-    features = _features(args, volume, encoder, config)
+    session = open_session(args)
+    features = _features(session, volume)
     source = SimilarityIndex(features)
     if args.target is None:
         target_volume, target_features, similarity = volume, features, source.map(point_lps)
     else:
         target_volume = read_volume(args.target)
-        target_features = _features(args, target_volume, encoder, config)
+        target_features = _features(session, target_volume)
         similarity = SimilarityIndex(target_features).map_query(source.query(point_lps))
     where = f"LPS ({', '.join(f'{v:g}' for v in point_lps)}) mm"
     _write(similarity, args.out, f"cosine similarity to {where} of {Path(args.volume).name}")
@@ -142,10 +124,10 @@ def run_attention(args: argparse.Namespace) -> int:
     from ..volume import read_volume
 
     volume = read_volume(args.volume)
-    encoder, config = _load_model(args)
+    session = open_session(args)
     progress, bar = tqdm_progress("attention")
     with bar:
-        result = attention_map(volume, encoder, config=config, batch_size=args.batch_size, progress=progress)
+        result = attention_map(session, volume, progress=progress)
     _write(result.mean, args.out, "last-block CLS attention, mean over heads")
     if args.heads_out:
         _write(result.heads, args.heads_out, f"last-block CLS attention, {result.heads.array.shape[-1]} heads")
@@ -160,8 +142,8 @@ def run_cluster(args: argparse.Namespace) -> int:
     from ..volume import read_volume
 
     volume = read_volume(args.volume)
-    encoder, config = _load_model(args)
-    features = _features(args, volume, encoder, config)
+    session = open_session(args)
+    features = _features(session, volume)
     labels = cluster_map(features, k=args.clusters, seed=args.seed)
     _write(labels, args.out, f"{args.clusters} k-means regions, 0 = background")
     names = {label: f"cluster {label}" for label in range(1, args.clusters + 1)}
@@ -177,7 +159,6 @@ def _map_parser(commands: argparse._SubParsersAction, name: str, help_text: str,
                                                                        "written on the input's exact grid)")
     parser.add_argument("--png", type=png_path, default=None,
                         help="also write a PNG montage (axial, coronal, sagittal slices with the map overlaid)")
-    parser.add_argument("--image-size", type=int, default=None, help="model input size (default: the model's)")
     add_model_options(parser)
     return parser
 

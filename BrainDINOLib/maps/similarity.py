@@ -1,19 +1,18 @@
-"""Similarity to a point: cosine similarity between the feature at one physical point and every voxel's feature.
+"""Similarity to a point: cosine similarity between the feature at one physical point and the features everywhere.
 
-Voxel features are the bilinear in-plane interpolation of the (unit-normalised) patch tokens of each axial
-slice, never materialised: the similarity at voxel v is
+Features live on the token grid of every voxel slice (interpolated linearly between embedded slices), so
+the similarity is computed exactly there, one channel, and only then upsampled to the voxels (guided by the
+image or bilinear, as the features' policy says). Interpolation across slices is cheap to do exactly:
+with f = (1 - t) a + t b between embedded tokens a and b,
 
-    cos(q, f(v)) = <q, f(v)> / (|q| |f(v)|),   f(v) = sum_p w_p(v) t_p,   q = f(seed)
+    <q, f> = (1 - t) <q, a> + t <q, b>,      |f|^2 = (1 - t)^2 |a|^2 + 2 t (1 - t) <a, b> + t^2 |b|^2
 
-The numerator is linear in the tokens, so it is the bilinear upsampling of one per-patch map (q against
-every token): one upsampling per point. The denominator |f(v)| depends only on the features, so
-`SimilarityIndex` computes it once (from each slice's token Gram matrix and the interpolation weights).
-By Cauchy-Schwarz the map lies in [-1, 1] and equals 1 exactly at the seed voxel: the seed's own value is
-the maximum. A new point then costs one matrix-vector product and one upsampling.
+so `SimilarityIndex` keeps |a|^2 and <a, b> of neighbouring embedded slices, and a new point costs one
+matrix-vector product over the embedded tokens plus one upsampling of a one-channel map. The query is the
+feature at the point's voxel (across slices as above, bilinear between the four nearest cells in-plane).
+The map lies in [-1, 1], and near 1 around the point.
 """
 from __future__ import annotations
-
-from functools import cached_property
 
 import numpy as np
 import torch
@@ -22,16 +21,8 @@ from torch import Tensor
 
 from ..errors import BrainDINOError
 from ..features import VolumeFeatures
+from ..upsample import slice_interpolation
 from ..volume import Geometry, Volume
-
-# Float rounding allowed at the seed voxel, whose similarity is exactly 1 in exact arithmetic.
-ROUNDING = 1e-5
-
-
-def interpolation_matrix(size_in: int, size_out: int) -> Tensor:
-    """Weights [size_out, size_in] of 1-D linear upsampling exactly as torch's bilinear (align_corners=False)."""
-    identity = torch.eye(size_in)[None]  # channel c is the unit impulse at input sample c
-    return F.interpolate(identity, size=size_out, mode="linear", align_corners=False)[0].T.contiguous()
 
 
 def _describe(point_lps) -> str:
@@ -40,7 +31,10 @@ def _describe(point_lps) -> str:
 
 def voxel_of_point(geometry: Geometry, point_lps: np.ndarray | tuple[float, float, float]) -> tuple[int, int, int]:
     """The canonical voxel (k, j, i) containing an LPS point; `BrainDINOError` if it is outside the grid."""
-    kji = np.rint(geometry.lps_to_index(np.asarray(point_lps, dtype=np.float64)[None])[0])
+    point = np.asarray(point_lps, dtype=np.float64)
+    if not np.isfinite(point).all():
+        raise BrainDINOError(_describe(point_lps), "is not a finite point")
+    kji = np.rint(geometry.lps_to_index(point[None])[0])
     k, j, i = (int(v) for v in kji)
     width, height, depth = geometry.size
     if not (0 <= k < depth and 0 <= j < height and 0 <= i < width):
@@ -50,113 +44,64 @@ def voxel_of_point(geometry: Geometry, point_lps: np.ndarray | tuple[float, floa
 
 
 class SimilarityIndex:
-    """Normalised tokens and per-voxel feature norms of one volume, precomputed for fast `map(point)` calls.
+    """The tokens of one volume with their norms and neighbouring-slice products, for fast `map(point)` calls."""
 
-    Upsampling is separable: per slice, `rows @ per_patch_map @ cols.T` with the interpolation weights
-    restricted to the voxels inside both the crop box and the volume (`window`). This is the same bilinear
-    map as `VolumeFeatures.to_volume`, as two small matrix products, which keeps a new point interactive.
-    """
-
-    def __init__(self, features: VolumeFeatures, chunk: int = 8):
+    def __init__(self, features: VolumeFeatures):
         self.features = features
-        self.chunk = chunk
-        self.tokens = F.normalize(features.patches.float(), dim=-1)  # [S, h, w, D]
-        slices = features.slices
-        _, height, width = slices.volume_shape
-        row0, col0, box_rows, box_cols = slices.box
-        h, w = features.grid
-        # Rows/cols of the box that lie inside the volume, in box coordinates.
-        self.box_window = (max(0, -row0), min(box_rows, height - row0), max(0, -col0), min(box_cols, width - col0))
-        r_lo, r_hi, c_lo, c_hi = self.box_window
-        self.row_weights = interpolation_matrix(h, box_rows)[r_lo:r_hi]  # [rows in window, h]
-        self.col_weights = interpolation_matrix(w, box_cols)[c_lo:c_hi]  # [cols in window, w]
-        self.slice_indices = np.asarray(slices.slice_indices)
-        # The same window in volume coordinates (rows j, columns i).
-        self.window_rows = slice(row0 + r_lo, row0 + r_hi)
-        self.window_cols = slice(col0 + c_lo, col0 + c_hi)
-
-    def upsample(self, per_patch: Tensor) -> Tensor:
-        """Per-patch map [S, h, w] -> values on the voxels of the window [S, rows, cols] (bilinear)."""
-        return self.row_weights @ (per_patch @ self.col_weights.T)
-
-    def new_volume(self) -> tuple[Volume, Tensor, bool]:
-        """A zero float32 volume on the input grid, a writable [S, rows, cols] tensor for its window voxels,
-        and whether that tensor is a view into the volume.
-
-        When the embedded slices are consecutive (the usual case) it is a view, so results written into it
-        land in the volume without a copy; otherwise `store` copies them in.
-        """
-        array = np.zeros(self.features.slices.volume_shape, dtype=np.float32)
-        volume = self.features.empty_volume().with_array(array)
-        first, last = int(self.slice_indices[0]), int(self.slice_indices[-1])
-        if last - first + 1 == len(self.slice_indices):
-            return volume, torch.from_numpy(array)[first:last + 1, self.window_rows, self.window_cols], True
-        r_lo, r_hi, c_lo, c_hi = self.box_window
-        return volume, torch.empty((len(self.slice_indices), r_hi - r_lo, c_hi - c_lo)), False
-
-    def store(self, volume: Volume, window: Tensor) -> None:
-        """Copy window values [S, rows, cols] into their voxels of `volume`."""
-        volume.array[self.slice_indices, self.window_rows, self.window_cols] = window.numpy()
-
-    @cached_property
-    def inverse_voxel_norm(self) -> Tensor:
-        """1 / |f(v)| on the window [S, rows, cols], from per-slice token Gram matrices and the weights.
-
-        Computed on first use (a query from this volume against another one never needs it).
-        """
-        rows, cols = self.row_weights, self.col_weights
-        parts = []
-        for start in range(0, self.tokens.shape[0], self.chunk):
-            t = self.tokens[start:start + self.chunk]
-            gram = torch.einsum("srcd,sRCd->srcRC", t, t)
-            along_rows = torch.einsum("yr,srcRC->sycRC", rows, gram)
-            along_rows = torch.einsum("yR,sycRC->sycC", rows, along_rows)
-            parts.append(torch.einsum("xc,xC,sycC->syx", cols, cols, along_rows).clamp_min(0).sqrt())
-        return 1.0 / torch.cat(parts).clamp_min(torch.finfo(torch.float32).tiny)
+        self.tokens = features.patches.float()  # [S, h, w, D]
+        self.square_norms = (self.tokens ** 2).sum(dim=-1)  # |a|^2, [S, h, w]
+        self.next_products = (self.tokens[:-1] * self.tokens[1:]).sum(dim=-1)  # <a_s, a_s+1>, [S - 1, h, w]
 
     def seed_voxel(self, point_lps: np.ndarray | tuple[float, float, float]) -> tuple[int, int, int]:
-        """The voxel (k, j, i) containing an LPS point; refuses points outside the embedded slices or box."""
+        """The voxel (k, j, i) containing an LPS point; refuses points where there are no features."""
         k, j, i = voxel_of_point(self.features.geometry, point_lps)
         where = _describe(point_lps)
-        if k not in self.features.slices.slice_indices:
-            raise BrainDINOError(where, f"lies on axial slice {k}, which has no foreground and was not embedded")
-        row0, col0, _, _ = self.features.slices.box
-        r_lo, r_hi, c_lo, c_hi = self.box_window
-        if not (r_lo <= j - row0 < r_hi and c_lo <= i - col0 < c_hi):
+        covered = self.features.covered
+        if k not in covered:
+            raise BrainDINOError(where, f"lies on axial slice {k}, outside the slices with features "
+                                        f"({covered.start}..{covered.stop - 1})")
+        row0, col0, rows, cols = self.features.slices.box
+        if not (0 <= j - row0 < rows and 0 <= i - col0 < cols):
             raise BrainDINOError(where, "lies outside the region the model saw (the crop around the head)")
         return k, j, i
 
     def query(self, point_lps: np.ndarray | tuple[float, float, float]) -> Tensor:
-        """The unit feature vector [D] at a physical point (the interpolated feature of its voxel)."""
+        """The unit feature vector [D] at a physical point."""
         k, j, i = self.seed_voxel(point_lps)
-        row0, col0, _, _ = self.features.slices.box
-        r_lo, _, c_lo, _ = self.box_window
-        s = self.features.slices.slice_indices.index(k)
-        weights_r, weights_c = self.row_weights[j - row0 - r_lo], self.col_weights[i - col0 - c_lo]
-        feature = torch.einsum("r,c,rcd->d", weights_r, weights_c, self.tokens[s])
-        return F.normalize(feature, dim=0)
+        slice_tokens = self.features.tokens_at([k])[0]  # [h, w, D]
+        geometry = self.features.slices
+        (origin_r, origin_c), (cell_r, cell_c) = geometry.origin, geometry.cell
+        row0, col0, _, _ = geometry.box
+        u = torch.tensor([(j - row0 + 0.5 - origin_r) / cell_r - 0.5, (i - col0 + 0.5 - origin_c) / cell_c - 0.5])
+        image = slice_tokens.permute(2, 0, 1)[None]  # [1, D, h, w]
+        h, w = geometry.grid
+        # grid_sample's normalised coordinates with align_corners=False: -1 and 1 are the grid's outer edges.
+        where = torch.stack([(u[1] + 0.5) / w * 2 - 1, (u[0] + 0.5) / h * 2 - 1])[None, None, None]
+        feature = F.grid_sample(image, where, mode="bilinear", padding_mode="border", align_corners=False)
+        return F.normalize(feature.reshape(-1), dim=0)
+
+    def cosine_cells(self, query: Tensor, slice_indices) -> Tensor:
+        """Cosine similarity [n, 1, h, w] between `query` and the features of voxel slices `slice_indices`."""
+        products = self.tokens @ query  # <q, a>, [S, h, w]
+        lower, upper, t = slice_interpolation(self.features.slices, slice_indices)
+        t = t[:, None, None]
+        numerator = (1 - t) * products[lower] + t * products[upper]
+        between = self.next_products[lower.clamp_max(len(self.next_products) - 1)] if len(self.next_products) \
+            else self.square_norms[lower]
+        square = (1 - t) ** 2 * self.square_norms[lower] + 2 * t * (1 - t) * between + t ** 2 * self.square_norms[upper]
+        cosine = numerator / square.clamp_min(torch.finfo(torch.float32).tiny).sqrt()
+        return cosine.clamp(-1.0, 1.0)[:, None]
 
     def map_query(self, query: Tensor) -> Volume:
         """Cosine similarity [-1, 1] between a unit feature vector and every voxel of this volume (float32).
 
-        Voxels of slices that were not embedded, and outside the crop box, are 0.
+        Voxels of slices without features, and outside the crop box, are 0.
         """
-        volume, window, is_view = self.new_volume()
-        numerator = self.upsample(self.tokens @ query)  # <q, f(v)>
-        torch.mul(numerator, self.inverse_voxel_norm, out=window).clamp_(-1.0, 1.0)  # / |f(v)|
-        if not is_view:
-            self.store(volume, window)
-        return volume
+        return self.features.map_volume(lambda ks: self.cosine_cells(query, ks), squeeze=True)
 
     def map(self, point_lps: np.ndarray | tuple[float, float, float]) -> Volume:
-        """Similarity of every voxel to the feature at `point_lps` (LPS mm); exactly 1.0, the maximum, at the
-        point's voxel (where it is 1 in exact arithmetic; float rounding is at most ~1e-6)."""
-        similarity = self.map_query(self.query(point_lps))
-        seed = self.seed_voxel(point_lps)
-        if similarity.array[seed] < 1.0 - ROUNDING:  # cannot happen unless the features are degenerate
-            raise AssertionError(f"similarity at the seed voxel is {similarity.array[seed]}, not 1")
-        similarity.array[seed] = 1.0
-        return similarity
+        """Similarity of every voxel to the feature at `point_lps` (LPS mm)."""
+        return self.map_query(self.query(point_lps))
 
 
 def similarity_map(features: VolumeFeatures, point_lps: np.ndarray | tuple[float, float, float],

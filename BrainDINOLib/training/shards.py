@@ -19,6 +19,7 @@ import torch
 
 from ..atomic import atomic_path, write_text_atomic
 from ..errors import BrainDINOError, CancelledError
+from ..resolution import ResolutionPolicy
 from ..slices import PreprocessConfig, SliceStack
 from ..volume import read_volume
 
@@ -116,14 +117,15 @@ def prepare_slices(inputs: Iterable[str | Path], output: str | Path, image_size:
     if not volumes:
         raise BrainDINOError(", ".join(map(str, inputs)), "no volumes found (NIfTI, NRRD, MHA or DICOM folders)")
     output.mkdir(parents=True, exist_ok=True)
-    config = PreprocessConfig(image_size=image_size)
+    config = PreprocessConfig()
+    policy = ResolutionPolicy(image_size=image_size, upsampling="bilinear")  # every head slice, fixed size
     writer = _ShardWriter(output, shard_size)
     entries, skipped = [], []
     for done, path in enumerate(volumes):
         if cancel is not None and cancel():
             raise CancelledError("prepare-slices cancelled")
         try:
-            stack = SliceStack.from_volume(read_volume(path), patch_size, config)
+            stack = SliceStack.from_volume(read_volume(path), patch_size, config, policy)
         except (BrainDINOError, RuntimeError, ValueError, OSError) as error:
             log.warning("skipping %s: %s", path, error)
             skipped.append(str(path))

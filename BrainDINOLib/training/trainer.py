@@ -234,6 +234,7 @@ def _pretrain(config: TrainConfig, context: Distributed, resume: bool,
         if metrics.rows:
             plot_loss_curves(metrics.path, output / "loss_curves.png", f"{architecture.describe()}")
         provenance = {"steps": optim.steps, "processes": context.world_size, "slices": len(shards),
+                      "slice_size": shards.image_size,
                       "volumes": [v["path"] for v in shards.index["volumes"]], "config": config.to_dict(),
                       "final_loss": final_loss}
         exported = export_teacher(teacher, output / "export", run.export_name, shards.preprocessing, provenance,
