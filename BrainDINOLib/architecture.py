@@ -35,7 +35,7 @@ ROPE = "rope"  # DINOv3: rotary positions, computed for any grid
 BICUBIC_OFFSET = "bicubic-offset"  # Meta's DINOv2 hub models without registers
 BICUBIC_ANTIALIAS = "bicubic-antialias"  # Meta's DINOv2 hub models with registers; timm's only convention
 POS_EMBED_RESIZES = {
-    ROPE: "none: RoPE positions are computed for any grid",
+    ROPE: "not resized: RoPE positions are computed for any grid",
     BICUBIC_OFFSET: "bicubic, antialias off, scale factor (n + 0.1) / grid",
     BICUBIC_ANTIALIAS: "bicubic, antialias on, output size n",
 }

@@ -361,6 +361,14 @@ def save_safetensors(model: nn.Module, card: ModelCard, path: str | Path, dtype:
 
 # timm's names for Eva's SwiGLU projections -> Meta's (DINOv3 SwiGLUFFN: silu(w1 x) * w2 x, then w3)
 SWIGLU_META_NAMES = {"mlp.fc1_g.": "mlp.w1.", "mlp.fc1_x.": "mlp.w2.", "mlp.fc2.": "mlp.w3."}
+# timm's names for the packed SwiGLU of DINOv2-g -> Meta's (SwiGLUFFNFused: w12 packs gate and value)
+PACKED_SWIGLU_META_NAMES = {"mlp.fc1.": "mlp.w12.", "mlp.fc2.": "mlp.w3."}
+
+
+def _renamed(key: str, names: dict[str, str]) -> str:
+    for old, new in names.items():
+        key = key.replace(old, new)
+    return key
 
 
 def dinov3_meta_state_dict(model: nn.Module, architecture: Architecture) -> dict[str, torch.Tensor]:
@@ -378,10 +386,8 @@ def dinov3_meta_state_dict(model: nn.Module, architecture: Architecture) -> dict
         if key.endswith("attn.v_bias") or key.startswith("rope."):
             continue
         if architecture.ffn == "swiglu":
-            for timm_name, meta_name in SWIGLU_META_NAMES.items():
-                key = key.replace(timm_name, meta_name)
-        key = key.replace("reg_token", "storage_tokens").replace("gamma_1", "ls1.gamma").replace("gamma_2", "ls2.gamma")
-        out[key] = value
+            key = _renamed(key, SWIGLU_META_NAMES)
+        out[_renamed(key, {"reg_token": "storage_tokens", "gamma_1": "ls1.gamma", "gamma_2": "ls2.gamma"})] = value
     n_periods = architecture.head_dim // 4
     exponents = 2 * torch.arange(n_periods, dtype=torch.float32) / (architecture.head_dim // 2)
     out["rope_embed.periods"] = architecture.rope_base ** exponents
@@ -389,13 +395,28 @@ def dinov3_meta_state_dict(model: nn.Module, architecture: Architecture) -> dict
     return out
 
 
+def dinov2_meta_state_dict(model: nn.Module, architecture: Architecture) -> dict[str, torch.Tensor]:
+    """The inverse of timm's DINOv2 conversion: a timm `VisionTransformer` state dict in Meta's naming.
+
+    With registers, timm folds the class position into the class token; Meta's layout gets that token and a
+    zero class position, which Meta's model (and timm's conversion) adds back to the same sum."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in model.state_dict().items():
+        key = _renamed(key, PACKED_SWIGLU_META_NAMES) if architecture.ffn == "swiglu-packed" else key
+        out[key.replace("reg_token", "register_tokens")] = value.detach().cpu()
+    if architecture.num_register_tokens:
+        out["pos_embed"] = torch.cat([torch.zeros_like(out["pos_embed"][:, :1]), out["pos_embed"]], dim=1)
+    out["mask_token"] = torch.zeros(1, architecture.embed_dim)
+    return out
+
+
 def save_teacher_checkpoint(model: nn.Module, architecture: Architecture, path: str | Path,
                             extra: dict[str, torch.Tensor] | None = None, iteration: int = 0) -> Path:
-    """Save a DINOv3-family timm backbone in the BrainDINO teacher layout that `read_checkpoint` reads, with
-    its architecture recorded beside the tensors (so the LayerNorm eps, which they cannot tell, round-trips)."""
-    if architecture.family != "dinov3":
-        raise ValueError("the BrainDINO teacher layout is defined for DINOv3 backbones only")
-    teacher = {f"backbone.{k}": v for k, v in dinov3_meta_state_dict(model, architecture).items()}
+    """Save a timm backbone in the teacher layout of BrainDINO, DINOv2 and DINOv3 training checkpoints
+    (`{"teacher": {"backbone.<Meta's key>": ...}}`) that `read_checkpoint` reads, with its architecture
+    recorded beside the tensors (so what they cannot tell, LayerNorm eps and position resizing, round-trips)."""
+    to_meta = dinov3_meta_state_dict if architecture.family == "dinov3" else dinov2_meta_state_dict
+    teacher = {f"backbone.{k}": v for k, v in to_meta(model, architecture).items()}
     teacher.update(extra or {})
     with atomic_path(path) as tmp:
         torch.save({"teacher": teacher, "iteration": iteration, TEACHER_ARCHITECTURE_KEY: architecture.to_dict()},

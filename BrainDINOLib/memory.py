@@ -36,7 +36,8 @@ def ensure_fits(source: str | Path | None, what: str, parameters: int, device: t
     needed = required_memory(parameters, dtype)
     available = available_memory(device) if available is None else available
     if needed > available:
-        raise BrainDINOError(source, f"{what} has {parameters / 1e9:.2f} B parameters and needs about "
+        count = f"{parameters / 1e9:.2f} B" if parameters >= 1e8 else f"{parameters / 1e6:.1f} M"
+        raise BrainDINOError(source, f"{what} has {count} parameters and needs about "
                                      f"{needed / GIB:.1f} GiB in {str(dtype).removeprefix('torch.')} on {device}, "
                                      f"but only {available / GIB:.1f} GiB is available there; "
                                      "use a device with more free memory or a smaller model")
