@@ -107,9 +107,9 @@ class Architecture:
 
     @property
     def variant(self) -> str:
-        """Meta's name for this shape (`ViT-S+/16`, `ViT-g/14`, ...), or `ViT (custom)` for any other shape."""
+        """Meta's name for this shape (`ViT-S+/16`, `ViT-g/14`, ...), or `custom ViT/<patch>` for any other."""
         key = (self.family, self.embed_dim, self.depth, self.ffn != "mlp")
-        return f"{PUBLIC_VARIANTS[key]}/{self.patch_size}" if key in PUBLIC_VARIANTS else "ViT (custom)"
+        return f"{PUBLIC_VARIANTS.get(key, 'custom ViT')}/{self.patch_size}"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -123,9 +123,10 @@ class Architecture:
         return cls(**data)
 
     def describe(self) -> str:
-        return (f"{self.family} {self.variant} (embed {self.embed_dim}, depth {self.depth}, {self.num_heads} heads, "
-                f"patch {self.patch_size}, {self.num_register_tokens} registers, {self.ffn} FFN "
-                f"{self.ffn_hidden_dim})")
+        """One line for logs and messages, e.g. `DINOv3 ViT-S+/16: embed 384, depth 12, 6 heads, ...`."""
+        return (f"{FAMILY_NAMES[self.family]} {self.variant}: embed {self.embed_dim}, depth {self.depth}, "
+                f"{self.num_heads} heads, patch {self.patch_size}, {self.num_register_tokens} registers, "
+                f"{self.ffn} FFN {self.ffn_hidden_dim}")
 
     def build(self, drop_path_rate: float = 0.0) -> nn.Module:
         """A freshly initialised timm backbone of this shape (no classifier head), on torch's default device

@@ -7,8 +7,8 @@ Supported kinds (the architecture is always read from the tensors themselves):
 - `timm-state-dict`: the same architectures in timm's naming;
 - `braindino-safetensors`: our own safetensors file, with a JSON model card in its header.
 
-Pickled checkpoints are opened with `torch.load(weights_only=True)` (memory-mapped, so reading a 7B file
-allocates nothing), so a file that would run code is refused. Loading is strict: a missing, unexpected or
+Pickled checkpoints are opened with `torch.load(weights_only=True)` (large ones memory-mapped, so reading a
+7B file allocates nothing), so a file that would run code is refused. Loading is strict: a missing, unexpected or
 mis-shaped tensor is an error that names it. What the tensors cannot tell (LayerNorm eps, how a DINOv2
 position grid is resized) is the family's released value unless the file records it, and is noted.
 """
@@ -43,9 +43,12 @@ MODELS_DIR = Path(__file__).parent / "models"
 BUILTIN_MODELS = {"demo": MODELS_DIR / "demo.safetensors"}
 ASSUMED_HEAD_DIM = 64  # every DINOv2 and DINOv3 ViT up to ViT-H+ uses 64-dim heads
 TEACHER_ARCHITECTURE_KEY = "architecture"  # our teacher files record what the tensors cannot tell
-# Tensors of Meta's checkpoints that inference never uses: the iBOT mask token, the k-bias mask (checked,
-# then applied by timm's zero k bias) and the 7B's LayerNorm for local-crop CLS tokens (training only).
+# Tensors of Meta's DINOv3 checkpoints that inference never uses: the iBOT mask token and the LayerNorm the
+# 7B (and the satellite ViT-L) apply to local-crop CLS tokens in training only.
 TRAINING_ONLY = ("mask_token", "local_cls_norm.weight", "local_cls_norm.bias")
+# Files this large are memory-mapped, so their tensors take no memory before the fit check in `load_backbone`.
+# Smaller ones are read whole: a mapped file stays locked on Windows while its checkpoint is in use.
+MMAP_FROM_BYTES = 1 << 30
 
 
 @dataclass
@@ -126,8 +129,8 @@ def _load_tensors(path: Path) -> tuple[Any, dict[str, str]]:
         except (SafetensorError, OSError, ValueError) as error:
             raise BrainDINOError(path, f"not a readable safetensors file ({error})") from None
     try:
-        # Memory-mapped where the format allows (torch's zip format): tensors are read when used, not here.
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path)), {}
+        mmap = path.stat().st_size >= MMAP_FROM_BYTES and zipfile.is_zipfile(path)  # torch's zip format only
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap), {}
     except pickle.UnpicklingError as error:
         reason = str(error).splitlines()[0] if str(error) else "unsafe content"
         raise BrainDINOError(path, "refused: the checkpoint holds pickled objects that are not plain tensors "
@@ -300,7 +303,10 @@ def read_checkpoint(source: str | Path) -> Checkpoint:
 
 
 def _to_timm_keys(state: dict[str, torch.Tensor], model: nn.Module, family: str) -> dict[str, torch.Tensor]:
-    """Rename Meta-layout tensors to timm's (timm's own converters; timm-layout input passes through)."""
+    """Rename Meta-layout tensors to timm's (timm's own converters; timm-layout input passes through).
+
+    DINOv3's RoPE periods (read into the architecture) and k-bias masks (checked by `_check_k_bias`) are
+    buffers timm computes itself."""
     if family == "dinov3":
         state = {k: v for k, v in state.items()
                  if k not in TRAINING_ONLY and not k.endswith(".bias_mask") and k != "rope_embed.periods"}

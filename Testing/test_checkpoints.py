@@ -5,7 +5,8 @@ import pytest
 import timm
 import torch
 
-from BrainDINOLib import Architecture, BrainDINOError, ModelCard, load_encoder, memory, read_checkpoint
+from BrainDINOLib import (Architecture, BrainDINOError, ModelCard, checkpoints, load_encoder, memory,
+                          read_checkpoint)
 from BrainDINOLib.architecture import parameter_count
 from BrainDINOLib.checkpoints import save_safetensors, save_teacher_checkpoint
 from BrainDINOLib.cli import main
@@ -97,6 +98,21 @@ def test_dinov2_state_dicts(tmp_path, images, registers):
     assert expected.registers.shape == (2, registers, 128)
 
 
+def test_large_checkpoints_are_memory_mapped(monkeypatch, teacher_checkpoint, fixture_encoder, images):
+    mapped = []
+    load = torch.load
+
+    def recording_load(*args, **kwargs):
+        mapped.append(kwargs.get("mmap"))
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recording_load)
+    monkeypatch.setattr(checkpoints, "MMAP_FROM_BYTES", 1 << 20)  # the 10 MB fixture counts as large
+    encoder = load_encoder(teacher_checkpoint, device="cpu")
+    assert mapped == [True]
+    torch.testing.assert_close(encoder.tokens(images).patches, fixture_encoder.tokens(images).patches, rtol=0, atol=0)
+
+
 def test_pickle_that_would_run_code_is_refused(tmp_path):
     class Payload:
         def __reduce__(self):
@@ -154,7 +170,7 @@ def test_info_command(capsys, teacher_checkpoint):
 
 
 @pytest.mark.parametrize("path, expected", [
-    (DINOV2_FIXTURE, {"family": "dinov2", "variant": "ViT (custom)", "num_register_tokens": 0, "ffn": "mlp",
+    (DINOV2_FIXTURE, {"family": "dinov2", "variant": "custom ViT/14", "num_register_tokens": 0, "ffn": "mlp",
                       "ffn_hidden_dim": 512, "norm_eps": 1e-6, "pos_embed_resize": "bicubic-offset"}),
     (SPLUS_FIXTURE, {"family": "dinov3", "num_register_tokens": 4, "ffn": "swiglu", "ffn_hidden_dim": 512,
                      "norm_eps": 1e-5, "pos_embed_resize": "rope", "parameters": 892_672}),
@@ -261,7 +277,8 @@ def test_dinov3_7b_layout_loads_as_timm_defines_it(tmp_path):
     torch.save(meta, tmp_path / "dinov3_vit7b16_pretrain_lvd1689m.pth")
     encoder = load_encoder(tmp_path / "dinov3_vit7b16_pretrain_lvd1689m.pth", device="cpu")
     arch = encoder.architecture
-    assert (arch.ffn, arch.ffn_hidden_dim, arch.qkv_bias, arch.num_heads, arch.norm_eps) == ("swiglu", 256, False, 2, 1e-5)
+    assert (arch.ffn, arch.ffn_hidden_dim, arch.qkv_bias, arch.num_heads, arch.norm_eps) == \
+        ("swiglu", 256, False, 2, 1e-5)
     assert any("local_cls_norm" in note for note in encoder.checkpoint.notes)
     images = torch.randn(2, 3, 64, 96)
     with torch.no_grad():
