@@ -42,7 +42,7 @@ CARD_KEY = "braindino_model_card"
 MODELS_DIR = Path(__file__).parent / "models"
 BUILTIN_MODELS = {"demo": MODELS_DIR / "demo.safetensors"}
 ASSUMED_HEAD_DIM = 64  # every DINOv2 and DINOv3 ViT up to ViT-H+ uses 64-dim heads
-TEACHER_ARCHITECTURE_KEY = "architecture"  # our teacher files record what the tensors cannot tell
+TEACHER_ARCHITECTURE_KEY = "braindino_architecture"  # our teacher files record what tensors cannot tell
 # Tensors of Meta's DINOv3 checkpoints that inference never uses: the iBOT mask token and the LayerNorm the
 # 7B (and the satellite ViT-L) apply to local-crop CLS tokens in training only.
 TRAINING_ONLY = ("mask_token", "local_cls_norm.weight", "local_cls_norm.bias")
@@ -257,11 +257,8 @@ def read_checkpoint(source: str | Path) -> Checkpoint:
     recorded: dict[str, Any] | None = None  # an architecture the file states (our model cards and teachers)
     notes: list[str] = []
     if CARD_KEY in metadata:
+        card = ModelCard.from_json(metadata[CARD_KEY])
         kind, state = "braindino-safetensors", raw
-        try:
-            card = ModelCard.from_json(metadata[CARD_KEY])
-        except (ValueError, KeyError, TypeError) as error:
-            raise BrainDINOError(path, f"invalid model card ({error})") from None
     elif isinstance(raw, dict) and isinstance(raw.get("teacher"), dict):
         kind, state = "braindino-teacher", _strip_prefix(raw["teacher"], "backbone.")
         recorded = raw.get(TEACHER_ARCHITECTURE_KEY)

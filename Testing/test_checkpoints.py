@@ -260,6 +260,16 @@ def _randomised(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     return model.eval()
 
 
+def _assert_same_tokens(encoder, reference: torch.nn.Module, images: torch.Tensor) -> None:
+    """The encoder's CLS and patch tokens are the timm reference model's (prefix: CLS + registers)."""
+    with torch.no_grad():
+        expected = reference.forward_features(images)
+    tokens = encoder.tokens(images)
+    torch.testing.assert_close(tokens.cls, expected[:, 0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(tokens.patches.flatten(1, 2), expected[:, reference.num_prefix_tokens:],
+                               rtol=0, atol=1e-5)
+
+
 def test_dinov3_7b_layout_loads_as_timm_defines_it(tmp_path):
     """A reduced ViT-7B (timm's own definition: SwiGLU aligned to 64, no qkv bias, eps 1e-5) in Meta's naming,
     with the training-only local_cls_norm of the 7B release."""
@@ -280,12 +290,7 @@ def test_dinov3_7b_layout_loads_as_timm_defines_it(tmp_path):
     assert (arch.ffn, arch.ffn_hidden_dim, arch.qkv_bias, arch.num_heads, arch.norm_eps) == \
         ("swiglu", 256, False, 2, 1e-5)
     assert any("local_cls_norm" in note for note in encoder.checkpoint.notes)
-    images = torch.randn(2, 3, 64, 96)
-    with torch.no_grad():
-        expected = reference.forward_features(images)
-    tokens = encoder.tokens(images)
-    torch.testing.assert_close(tokens.cls, expected[:, 0], rtol=0, atol=1e-5)
-    torch.testing.assert_close(tokens.patches.flatten(1, 2), expected[:, 5:], rtol=0, atol=1e-5)
+    _assert_same_tokens(encoder, reference, torch.randn(2, 3, 64, 96))
 
 
 def test_dinov2_g_layout_loads_as_timm_defines_it(tmp_path):
@@ -299,12 +304,7 @@ def test_dinov2_g_layout_loads_as_timm_defines_it(tmp_path):
     arch = encoder.architecture
     assert (encoder.checkpoint.kind, arch.ffn, arch.ffn_hidden_dim, arch.pos_embed_grid) == \
         ("dinov2-state-dict", "swiglu-packed", 344, 6)
-    images = torch.randn(2, 3, 84, 84)
-    with torch.no_grad():
-        expected = reference.forward_features(images)
-    tokens = encoder.tokens(images)
-    torch.testing.assert_close(tokens.cls, expected[:, 0], rtol=0, atol=1e-5)
-    torch.testing.assert_close(tokens.patches.flatten(1, 2), expected[:, 1:], rtol=0, atol=1e-5)
+    _assert_same_tokens(encoder, reference, torch.randn(2, 3, 84, 84))
 
 
 def test_an_unmasked_dinov3_k_bias_is_refused(tmp_path):
