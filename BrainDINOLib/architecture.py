@@ -62,6 +62,9 @@ def default_pos_embed_resize(family: str, num_register_tokens: int) -> str:
 
 @dataclass(frozen=True)
 class Architecture:
+    """A DINOv2/DINOv3 ViT's shape and the settings that decide its features, including the two no tensor
+    can tell (`norm_eps`, `pos_embed_resize`). Unknown combinations are refused with a ValueError."""
+
     family: Family
     embed_dim: int
     depth: int
