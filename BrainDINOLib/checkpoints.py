@@ -7,8 +7,10 @@ Supported kinds (the architecture is always read from the tensors themselves):
 - `timm-state-dict`: the same architectures in timm's naming;
 - `braindino-safetensors`: our own safetensors file, with a JSON model card in its header.
 
-Pickled checkpoints are opened with `torch.load(weights_only=True)`, so a file that would run code is
-refused. Loading is strict: a missing, unexpected or mis-shaped tensor is an error that names it.
+Pickled checkpoints are opened with `torch.load(weights_only=True)` (large ones memory-mapped, so reading a
+7B file allocates nothing), so a file that would run code is refused. Loading is strict: a missing, unexpected or
+mis-shaped tensor is an error that names it. What the tensors cannot tell (LayerNorm eps, how a DINOv2
+position grid is resized) is the family's released value unless the file records it, and is noted.
 """
 from __future__ import annotations
 
@@ -29,9 +31,10 @@ from safetensors.torch import load_file, save_file
 from timm.models import eva, vision_transformer
 from torch import nn
 
-from .architecture import Architecture
+from .architecture import FAMILY_NAMES, POS_EMBED_RESIZES, Architecture, parameter_count
 from .atomic import atomic_path, write_text_atomic
 from .errors import BrainDINOError
+from .memory import ensure_fits
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +42,13 @@ CARD_KEY = "braindino_model_card"
 MODELS_DIR = Path(__file__).parent / "models"
 BUILTIN_MODELS = {"demo": MODELS_DIR / "demo.safetensors"}
 ASSUMED_HEAD_DIM = 64  # every DINOv2 and DINOv3 ViT up to ViT-H+ uses 64-dim heads
+TEACHER_ARCHITECTURE_KEY = "braindino_architecture"  # our teacher files record what tensors cannot tell
+# Tensors of Meta's DINOv3 checkpoints that inference never uses: the iBOT mask token and the LayerNorm the
+# 7B (and the satellite ViT-L) apply to local-crop CLS tokens in training only.
+TRAINING_ONLY = ("mask_token", "local_cls_norm.weight", "local_cls_norm.bias")
+# Files this large are memory-mapped, so their tensors take no memory before the fit check in `load_backbone`.
+# Smaller ones are read whole: a mapped file stays locked on Windows while its checkpoint is in use.
+MMAP_FROM_BYTES = 1 << 30
 
 
 @dataclass
@@ -119,7 +129,8 @@ def _load_tensors(path: Path) -> tuple[Any, dict[str, str]]:
         except (SafetensorError, OSError, ValueError) as error:
             raise BrainDINOError(path, f"not a readable safetensors file ({error})") from None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True), {}
+        mmap = path.stat().st_size >= MMAP_FROM_BYTES and zipfile.is_zipfile(path)  # torch's zip format only
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap), {}
     except pickle.UnpicklingError as error:
         reason = str(error).splitlines()[0] if str(error) else "unsafe content"
         raise BrainDINOError(path, "refused: the checkpoint holds pickled objects that are not plain tensors "
@@ -147,11 +158,39 @@ def _rope_base(periods: torch.Tensor) -> float:
     return float(f"{base:.3g}")  # periods are often stored in bf16: keep the digits they can carry
 
 
+def _feed_forward(state: dict[str, torch.Tensor]) -> tuple[str, int]:
+    """(FFN kind, width of its hidden activation) from block 0's FFN tensors, in Meta's or timm's naming."""
+    if "blocks.0.mlp.w12.weight" in state:  # Meta's DINOv2-g: gate and value packed in one projection
+        return "swiglu-packed", state["blocks.0.mlp.w12.weight"].shape[0] // 2
+    for gate in ("blocks.0.mlp.w1.weight", "blocks.0.mlp.fc1_g.weight"):  # Meta's / timm's DINOv3 SwiGLU
+        if gate in state:
+            return "swiglu", state[gate].shape[0]
+    if "blocks.0.mlp.fc1.weight" not in state or "blocks.0.mlp.fc2.weight" not in state:
+        sample = ", ".join(k for k in state if k.startswith("blocks.0.mlp.")) or "none"
+        raise BrainDINOError(None, f"unrecognised feed-forward block (block 0 FFN tensors: {sample})")
+    fc1, fc2 = state["blocks.0.mlp.fc1.weight"].shape[0], state["blocks.0.mlp.fc2.weight"].shape[1]
+    if fc1 == 2 * fc2:  # timm's packed SwiGLU (DINOv2-g in timm's naming)
+        return "swiglu-packed", fc2
+    return "mlp", fc1
+
+
+def _check_k_bias(state: dict[str, torch.Tensor]) -> None:
+    """timm's Eva has no k bias (as Meta's DINOv3 releases, which mask it). A qkv bias whose k third would
+    act (no `bias_mask` zeroing it, and non-zero) cannot be expressed: refuse it, naming the tensor."""
+    for key, bias in state.items():
+        if not key.endswith("attn.qkv.bias"):
+            continue
+        k_third = slice(bias.shape[0] // 3, 2 * bias.shape[0] // 3)
+        mask = state.get(key.replace("qkv.bias", "qkv.bias_mask"))
+        effective = bias[k_third] * mask[k_third] if mask is not None else bias[k_third]
+        if bool(effective.float().abs().max() > 0):
+            raise BrainDINOError(None, f"{key} has a non-zero k bias that is not masked: DINOv3 backbones "
+                                       "(Meta's and timm's) use no k bias")
+
+
 def _detect_architecture(state: dict[str, torch.Tensor], family: str, meta_naming: bool, norm_eps: float,
                          notes: list[str]) -> Architecture:
     """Read the architecture off backbone tensors (Meta's or timm's naming)."""
-    if any(".mlp.w12." in k or ".mlp.w1." in k for k in state):
-        raise BrainDINOError(None, "SwiGLU MLP blocks (ViT-S+/H+/g/7B) are not supported")
     proj = state["patch_embed.proj.weight"]
     embed_dim, in_chans, patch, _ = proj.shape
     depth = _block_count(state)
@@ -163,18 +202,36 @@ def _detect_architecture(state: dict[str, torch.Tensor], family: str, meta_namin
         num_heads = embed_dim // ASSUMED_HEAD_DIM
         rope_base = 100.0
         notes.append(f"num_heads={num_heads} assumed from head_dim {ASSUMED_HEAD_DIM} (not stored in the tensors)")
+    if family == "dinov3" and meta_naming:
+        _check_k_bias(state)
     registers_key = ("storage_tokens" if family == "dinov3" else "register_tokens") if meta_naming else "reg_token"
     registers = state[registers_key].shape[1] if registers_key in state else 0
     qkv_bias = "blocks.0.attn.qkv.bias" in state or "blocks.0.attn.q_bias" in state
     layer_scale = any(k.startswith("blocks.0.ls1.") or k == "blocks.0.gamma_1" for k in state)
-    mlp_ratio = state["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim
+    ffn, hidden = _feed_forward(state)
     pos_grid = 0
     if family == "dinov2":
         tokens = state["pos_embed"].shape[1]
         pos_grid = math.isqrt(tokens) if math.isqrt(tokens) ** 2 == tokens else math.isqrt(tokens - 1)
-    return Architecture(family=family, embed_dim=embed_dim, depth=depth, num_heads=num_heads, patch_size=patch,
-                        in_chans=in_chans, num_register_tokens=registers, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
-                        layer_scale=layer_scale, norm_eps=norm_eps, rope_base=rope_base, pos_embed_grid=pos_grid)
+    try:
+        return Architecture(family=family, embed_dim=embed_dim, depth=depth, num_heads=num_heads, patch_size=patch,
+                            in_chans=in_chans, num_register_tokens=registers, mlp_ratio=hidden / embed_dim,
+                            qkv_bias=qkv_bias, layer_scale=layer_scale, norm_eps=norm_eps, rope_base=rope_base,
+                            pos_embed_grid=pos_grid, ffn=ffn)
+    except ValueError as error:
+        raise BrainDINOError(None, str(error)) from None
+
+
+def _assumed_settings_notes(architecture: Architecture, kind: str) -> list[str]:
+    """Say what was taken from the family's releases rather than read from the file."""
+    family = FAMILY_NAMES[architecture.family]
+    source = "BrainDINO teachers" if kind == "braindino-teacher" else f"Meta's {family} releases"
+    notes = [f"LayerNorm eps {architecture.norm_eps:g} assumed, as in {source} (not stored in the tensors)"]
+    if architecture.family == "dinov2":
+        registers = "with" if architecture.num_register_tokens else "without"
+        notes.append(f"position grid resized {POS_EMBED_RESIZES[architecture.pos_embed_resize]}, as Meta's hub "
+                     f"runs DINOv2 models {registers} registers (the tensors cannot tell)")
+    return notes
 
 
 def _family_of(state: dict[str, torch.Tensor]) -> tuple[str, bool] | None:
@@ -197,12 +254,14 @@ def read_checkpoint(source: str | Path) -> Checkpoint:
     path = resolve_source(source)
     raw, metadata = _load_tensors(path)
     card = None
+    recorded: dict[str, Any] | None = None  # an architecture the file states (our model cards and teachers)
     notes: list[str] = []
     if CARD_KEY in metadata:
         card = ModelCard.from_json(metadata[CARD_KEY])
         kind, state = "braindino-safetensors", raw
     elif isinstance(raw, dict) and isinstance(raw.get("teacher"), dict):
         kind, state = "braindino-teacher", _strip_prefix(raw["teacher"], "backbone.")
+        recorded = raw.get(TEACHER_ARCHITECTURE_KEY)
     elif isinstance(raw, dict):
         state = next((raw[k] for k in ("model", "state_dict") if isinstance(raw.get(k), dict)), raw)
         if all(k.startswith("module.") for k in state):
@@ -224,24 +283,43 @@ def read_checkpoint(source: str | Path) -> Checkpoint:
     # release (and timm's port of it) 1e-5.
     norm_eps = 1e-5 if family == "dinov3" and kind != "braindino-teacher" else 1e-6
     try:
-        architecture = card.architecture if card else _detect_architecture(state, family, meta_naming, norm_eps, notes)
+        if card is not None:
+            architecture = card.architecture
+        elif recorded is not None:
+            architecture = Architecture.from_dict(recorded)
+        else:
+            architecture = _detect_architecture(state, family, meta_naming, norm_eps, notes)
+            notes.extend(_assumed_settings_notes(architecture, kind))
     except BrainDINOError as error:
         raise BrainDINOError(path, error.problem) from None
+    except (ValueError, TypeError) as error:
+        raise BrainDINOError(path, f"invalid recorded architecture ({error})") from None
+    if "local_cls_norm.weight" in state:
+        notes.append("local_cls_norm (training-only LayerNorm of local-crop CLS tokens) is not used for inference")
     return Checkpoint(path, kind, architecture, state, file_sha256(path), card, notes)
 
 
 def _to_timm_keys(state: dict[str, torch.Tensor], model: nn.Module, family: str) -> dict[str, torch.Tensor]:
-    """Rename Meta-layout tensors to timm's (timm's own converters; timm-layout input passes through)."""
-    state = {k: v for k, v in state.items() if not k.endswith(".bias_mask")}
+    """Rename Meta-layout tensors to timm's (timm's own converters; timm-layout input passes through).
+
+    DINOv3's RoPE periods (read into the architecture) and k-bias masks (checked by `_check_k_bias`) are
+    buffers timm computes itself."""
     if family == "dinov3":
-        state = {k: v for k, v in state.items() if k != "mask_token"}
+        state = {k: v for k, v in state.items()
+                 if k not in TRAINING_ONLY and not k.endswith(".bias_mask") and k != "rope_embed.periods"}
         return eva.checkpoint_filter_fn(state, model)
-    return vision_transformer.checkpoint_filter_fn(state, model)
+    return vision_transformer.checkpoint_filter_fn(state, model)  # also drops DINOv2's mask token
 
 
-def load_backbone(checkpoint: Checkpoint) -> nn.Module:
-    """Build the timm backbone for `checkpoint` and load its tensors strictly, in eval mode."""
-    model = checkpoint.architecture.build()
+def _bounded_list(keys: list[str], limit: int = 6) -> str:
+    return ", ".join(keys[:limit]) + (" ..." if len(keys) > limit else "")
+
+
+def backbone_skeleton(checkpoint: Checkpoint) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """The checkpoint's timm backbone on the meta device (shapes only, no memory) and its tensors in timm's
+    naming, checked strictly against it: a missing, unexpected or mis-shaped tensor is an error naming it."""
+    with torch.device("meta"):
+        model = checkpoint.architecture.build()
     state = _to_timm_keys(dict(checkpoint.state_dict), model, checkpoint.architecture.family)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
@@ -249,16 +327,27 @@ def load_backbone(checkpoint: Checkpoint) -> nn.Module:
     if missing or unexpected:
         parts = []
         if missing:
-            parts.append(f"missing tensor(s) {', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}")
+            parts.append(f"missing tensor(s) {_bounded_list(missing)}")
         if unexpected:
-            parts.append(f"unexpected tensor(s) {', '.join(unexpected[:6])}{' ...' if len(unexpected) > 6 else ''}")
+            parts.append(f"unexpected tensor(s) {_bounded_list(unexpected)}")
         raise BrainDINOError(checkpoint.path, f"does not match {checkpoint.architecture.describe()}: "
                                               + "; ".join(parts))
     for key, tensor in state.items():
         if tuple(tensor.shape) != tuple(expected[key].shape):
             raise BrainDINOError(checkpoint.path, f"tensor {key} has shape {tuple(tensor.shape)}, "
                                                   f"expected {tuple(expected[key].shape)}")
-    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    return model, state
+
+
+def load_backbone(checkpoint: Checkpoint, device: str | torch.device | None = None) -> nn.Module:
+    """Build the timm backbone for `checkpoint` on `device` (CPU if None) and load its tensors strictly, in
+    float32 and eval mode. Refuses, before allocating anything, a model that would not fit on the device."""
+    skeleton, state = backbone_skeleton(checkpoint)
+    device = torch.device(device or "cpu")
+    ensure_fits(checkpoint.path, checkpoint.architecture.variant, parameter_count(skeleton), device)
+    with torch.device(device):
+        model = checkpoint.architecture.build()
+    model.load_state_dict(state, strict=True)  # copies tensor by tensor, casting each to the model's float32
     return model.eval()
 
 
@@ -273,19 +362,35 @@ def save_safetensors(model: nn.Module, card: ModelCard, path: str | Path, dtype:
     return path
 
 
+# timm's names for Eva's SwiGLU projections -> Meta's (DINOv3 SwiGLUFFN: silu(w1 x) * w2 x, then w3)
+SWIGLU_META_NAMES = {"mlp.fc1_g.": "mlp.w1.", "mlp.fc1_x.": "mlp.w2.", "mlp.fc2.": "mlp.w3."}
+# timm's names for the packed SwiGLU of DINOv2-g -> Meta's (SwiGLUFFNFused: w12 packs gate and value)
+PACKED_SWIGLU_META_NAMES = {"mlp.fc1.": "mlp.w12.", "mlp.fc2.": "mlp.w3."}
+
+
+def _renamed(key: str, names: dict[str, str]) -> str:
+    for old, new in names.items():
+        key = key.replace(old, new)
+    return key
+
+
 def dinov3_meta_state_dict(model: nn.Module, architecture: Architecture) -> dict[str, torch.Tensor]:
-    """The inverse of timm's DINOv3 conversion: a timm `Eva` state dict in Meta's/BrainDINO's naming."""
+    """The inverse of timm's DINOv3 conversion: a timm `Eva` state dict in Meta's/BrainDINO's naming, with
+    the buffers Meta's model expects (RoPE periods, and the k-bias mask when qkv has a bias)."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     out: dict[str, torch.Tensor] = {}
-    for key, value in model.state_dict().items():
-        value = value.detach().cpu()
+    for key, value in state.items():
         if key.endswith("attn.q_bias"):
-            v_bias = model.state_dict()[key.replace("q_bias", "v_bias")]
-            out[key.replace("q_bias", "qkv.bias")] = torch.cat([value, torch.zeros_like(value), v_bias.cpu()])
+            qkv_bias = torch.cat([value, torch.zeros_like(value), state[key.replace("q_bias", "v_bias")]])
+            out[key.replace("q_bias", "qkv.bias")] = qkv_bias
+            out[key.replace("q_bias", "qkv.bias_mask")] = torch.cat(
+                [torch.ones_like(value), torch.zeros_like(value), torch.ones_like(value)])
             continue
         if key.endswith("attn.v_bias") or key.startswith("rope."):
             continue
-        key = key.replace("reg_token", "storage_tokens").replace("gamma_1", "ls1.gamma").replace("gamma_2", "ls2.gamma")
-        out[key] = value
+        if architecture.ffn == "swiglu":
+            key = _renamed(key, SWIGLU_META_NAMES)
+        out[_renamed(key, {"reg_token": "storage_tokens", "gamma_1": "ls1.gamma", "gamma_2": "ls2.gamma"})] = value
     n_periods = architecture.head_dim // 4
     exponents = 2 * torch.arange(n_periods, dtype=torch.float32) / (architecture.head_dim // 2)
     out["rope_embed.periods"] = architecture.rope_base ** exponents
@@ -293,13 +398,30 @@ def dinov3_meta_state_dict(model: nn.Module, architecture: Architecture) -> dict
     return out
 
 
+def dinov2_meta_state_dict(model: nn.Module, architecture: Architecture) -> dict[str, torch.Tensor]:
+    """The inverse of timm's DINOv2 conversion: a timm `VisionTransformer` state dict in Meta's naming.
+
+    With registers, timm folds the class position into the class token; Meta's layout gets that token and a
+    zero class position, which Meta's model (and timm's conversion) adds back to the same sum."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in model.state_dict().items():
+        key = _renamed(key, PACKED_SWIGLU_META_NAMES) if architecture.ffn == "swiglu-packed" else key
+        out[key.replace("reg_token", "register_tokens")] = value.detach().cpu()
+    if architecture.num_register_tokens:
+        out["pos_embed"] = torch.cat([torch.zeros_like(out["pos_embed"][:, :1]), out["pos_embed"]], dim=1)
+    out["mask_token"] = torch.zeros(1, architecture.embed_dim)
+    return out
+
+
 def save_teacher_checkpoint(model: nn.Module, architecture: Architecture, path: str | Path,
                             extra: dict[str, torch.Tensor] | None = None, iteration: int = 0) -> Path:
-    """Save a DINOv3-family timm backbone in the BrainDINO teacher layout that `read_checkpoint` reads."""
-    if architecture.family != "dinov3":
-        raise ValueError("the BrainDINO teacher layout is defined for DINOv3 backbones only")
-    teacher = {f"backbone.{k}": v for k, v in dinov3_meta_state_dict(model, architecture).items()}
+    """Save a timm backbone in the teacher layout of BrainDINO, DINOv2 and DINOv3 training checkpoints
+    (`{"teacher": {"backbone.<Meta's key>": ...}}`) that `read_checkpoint` reads, with its architecture
+    recorded beside the tensors (so what they cannot tell, LayerNorm eps and position resizing, round-trips)."""
+    to_meta = dinov3_meta_state_dict if architecture.family == "dinov3" else dinov2_meta_state_dict
+    teacher = {f"backbone.{k}": v for k, v in to_meta(model, architecture).items()}
     teacher.update(extra or {})
     with atomic_path(path) as tmp:
-        torch.save({"teacher": teacher, "iteration": iteration}, tmp)
+        torch.save({"teacher": teacher, "iteration": iteration, TEACHER_ARCHITECTURE_KEY: architecture.to_dict()},
+                   tmp)
     return Path(path)

@@ -106,9 +106,12 @@ class Encoder:
 
 
 def load_encoder(source: str | Path = "demo", device: str | torch.device | None = None) -> Encoder:
-    """Load a checkpoint (path or built-in model name) as a frozen `Encoder` on `device` (auto if None)."""
+    """Load a checkpoint (path or built-in model name) as a frozen `Encoder` on `device` (auto if None).
+
+    The weights are built directly on the device, after checking that they fit there (`BrainDINOError` if not)."""
     checkpoint = read_checkpoint(source)
-    encoder = Encoder(load_backbone(checkpoint), checkpoint, select_device(device))
+    device = select_device(device)
+    encoder = Encoder(load_backbone(checkpoint, device=device), checkpoint, device)
     log.info("loaded %s (%s) from %s on %s", checkpoint.architecture.describe(), checkpoint.kind,
              checkpoint.path, encoder.device)
     return encoder

@@ -10,8 +10,15 @@ from BrainDINOLib.atlas import COLIN27_T1
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 DATA = SHARED / "data"
-TEACHER_FIXTURE = SHARED / "fixtures" / "dinov3_teacher"
+FIXTURES = SHARED / "fixtures"
+TEACHER_FIXTURE = FIXTURES / "dinov3_teacher"
 SAMPLE_T1 = COLIN27_T1  # the bundled sample volume
+
+
+def reference_checkpoints() -> dict[str, Path]:
+    """Every reference fixture folder (one with an expected.pt) and the one checkpoint file in it."""
+    return {folder.name: next(folder.glob("*.pth")) for folder in sorted(FIXTURES.iterdir())
+            if (folder / "expected.pt").exists()}
 
 
 @pytest.fixture(scope="session")

@@ -10,24 +10,29 @@ from .common import add_model_options, open_session, parse_layers, tqdm_progress
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from ..architecture import parameter_count
-    from ..checkpoints import load_backbone, read_checkpoint
+    from ..architecture import FEED_FORWARDS, POS_EMBED_RESIZES, parameter_count
+    from ..checkpoints import backbone_skeleton, read_checkpoint
 
     checkpoint = read_checkpoint(args.checkpoint)
-    model = load_backbone(checkpoint)
+    skeleton, _ = backbone_skeleton(checkpoint)  # strict check and parameter count, without loading any weights
     arch = checkpoint.architecture
     info = {"path": str(checkpoint.path), "kind": checkpoint.kind, "model_id": checkpoint.model_id,
-            "family": arch.family, "embed_dim": arch.embed_dim, "depth": arch.depth, "num_heads": arch.num_heads,
-            "patch_size": arch.patch_size, "num_register_tokens": arch.num_register_tokens,
-            "in_chans": arch.in_chans, "parameters": parameter_count(model), "notes": checkpoint.notes}
+            "family": arch.family, "variant": arch.variant, "embed_dim": arch.embed_dim, "depth": arch.depth,
+            "num_heads": arch.num_heads, "patch_size": arch.patch_size, "num_register_tokens": arch.num_register_tokens,
+            "ffn": arch.ffn, "ffn_hidden_dim": arch.ffn_hidden_dim, "norm_eps": arch.norm_eps,
+            "pos_embed_resize": arch.pos_embed_resize, "in_chans": arch.in_chans,
+            "parameters": parameter_count(skeleton), "notes": checkpoint.notes}
     if checkpoint.card:
         info["card"] = json.loads(checkpoint.card.to_json())
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    for key in ("path", "kind", "model_id", "family", "embed_dim", "depth", "num_heads", "patch_size",
-                "num_register_tokens", "in_chans"):
-        print(f"{key:20s} {info[key]}")
+    described = {"num_register_tokens": f"{arch.num_register_tokens} (register/storage tokens)",
+                 "ffn": f"{arch.ffn}: {FEED_FORWARDS[arch.ffn]}",
+                 "pos_embed_resize": f"{arch.pos_embed_resize}: {POS_EMBED_RESIZES[arch.pos_embed_resize]}"}
+    for key in ("path", "kind", "model_id", "family", "variant", "embed_dim", "depth", "num_heads", "patch_size",
+                "num_register_tokens", "ffn", "ffn_hidden_dim", "norm_eps", "pos_embed_resize", "in_chans"):
+        print(f"{key:20s} {described.get(key, info[key])}")
     print(f"{'parameters':20s} {info['parameters']:,}")
     for note in checkpoint.notes:
         print(f"{'note':20s} {note}")

@@ -16,14 +16,14 @@ from .model import DistillationNetwork
 def export_teacher(teacher: DistillationNetwork, output_dir: str | Path, name: str, preprocessing: PreprocessConfig,
                    provenance: dict[str, Any], description: str = "", iteration: int = 0,
                    teacher_checkpoint: bool = True) -> dict[str, Path]:
-    """Write `<name>.safetensors` (+ `<name>.json` card) and, for DINOv3 backbones unless told not to,
-    `teacher_checkpoint.pth` (the BrainDINO teacher layout, with the DINO and iBOT heads)."""
+    """Write `<name>.safetensors` (float16, + `<name>.json` card) and, unless told not to,
+    `teacher_checkpoint.pth` (float32, the teacher layout in Meta's naming, with the DINO and iBOT heads)."""
     output_dir = Path(output_dir)
     architecture = teacher.architecture
     card = ModelCard(name=name, architecture=architecture, preprocessing=preprocessing.to_dict(),
                      provenance=provenance, description=description)
     written = {"safetensors": save_safetensors(teacher.backbone, card, output_dir / f"{name}.safetensors")}
-    if teacher_checkpoint and architecture.family == "dinov3":
+    if teacher_checkpoint:
         extra: dict[str, torch.Tensor] = {f"{head}.{key}": value.detach().cpu()
                                           for head in ("dino_head", "ibot_head")
                                           for key, value in getattr(teacher, head).state_dict().items()}

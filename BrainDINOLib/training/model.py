@@ -100,16 +100,9 @@ class DistillationNetwork(nn.Module):
 
 
 def build_network(model: ModelConfig, loss: LossConfig) -> DistillationNetwork:
-    """A fresh student, or one whose backbone continues from `model.init_from` (any checkpoint the engine reads)."""
-    if model.init_from:
-        checkpoint = read_checkpoint(model.init_from)
-        architecture = checkpoint.architecture
-        backbone = load_backbone(checkpoint)
-        if model.drop_path_rate:
-            fresh = architecture.build(drop_path_rate=model.drop_path_rate)
-            fresh.load_state_dict(backbone.state_dict())
-            backbone = fresh
-    else:
+    """A fresh student, or one whose backbone continues from `model.init_from` (any checkpoint the engine reads:
+    its architecture, including what the tensors cannot tell, and its iBOT mask token when it has one)."""
+    if not model.init_from:
         architecture = Architecture(family=model.family, embed_dim=model.embed_dim, depth=model.depth,
                                     num_heads=model.num_heads, patch_size=model.patch_size, in_chans=model.in_chans,
                                     num_register_tokens=model.num_register_tokens)
@@ -117,4 +110,16 @@ def build_network(model: ModelConfig, loss: LossConfig) -> DistillationNetwork:
         for name, parameter in backbone.named_parameters():
             if name.endswith(("gamma_1", "gamma_2")):
                 nn.init.constant_(parameter, model.layer_scale_init)
-    return DistillationNetwork(backbone.train(), architecture, loss)
+        return DistillationNetwork(backbone.train(), architecture, loss)
+    checkpoint = read_checkpoint(model.init_from)
+    backbone = load_backbone(checkpoint)
+    if model.drop_path_rate:
+        fresh = checkpoint.architecture.build(drop_path_rate=model.drop_path_rate)
+        fresh.load_state_dict(backbone.state_dict())
+        backbone = fresh
+    network = DistillationNetwork(backbone.train(), checkpoint.architecture, loss)
+    mask_token = checkpoint.state_dict.get("mask_token")
+    if mask_token is not None:
+        with torch.no_grad():
+            network.mask_token.copy_(mask_token.reshape(network.mask_token.shape))
+    return network
