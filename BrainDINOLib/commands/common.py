@@ -1,21 +1,29 @@
-"""Pieces every subcommand shares: model options, layer lists, a tqdm progress callback."""
+"""Pieces every subcommand shares: model options, layer lists, a tqdm progress callback, and the check of
+input and output paths that runs before any command does slow work."""
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from tqdm import tqdm
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 
 def tqdm_progress(description: str, unit: str = "slice") -> tuple[Callable[[int, int], None], tqdm]:
-    """A progress callback for the engine that drives a tqdm bar on stderr (use the bar as a context)."""
-    bar = tqdm(desc=description, unit=unit, leave=False, dynamic_ncols=True)
+    """A progress callback for the engine that drives a tqdm bar on stderr (use the bar as a context).
+
+    The bar is drawn only on a terminal and only after a second of work, and it is erased when it closes
+    (also on an error), so an error message stays the one line on stderr."""
+    from tqdm import tqdm
+
+    bar = tqdm(desc=description, unit=unit, leave=False, dynamic_ncols=True, disable=None, delay=1.0)
 
     def update(done: int, total: int) -> None:
         bar.total = total
-        bar.n = done
-        bar.refresh()
+        bar.update(done - bar.n)
 
     return update, bar
 
@@ -35,3 +43,46 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-cache", action="store_true", help="neither read nor write the feature cache")
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="feature cache folder (default: $BRAINDINO_CACHE or ~/.cache/braindino)")
+
+
+@dataclass(frozen=True)
+class FileArguments:
+    """Which arguments of a command name files: `inputs` (argument -> what it is, for "no such <what>") must
+    exist; `outputs` must not resolve to any input. `--model`, when it is a file, counts as an input."""
+
+    inputs: dict[str, str] = field(default_factory=dict)
+    outputs: tuple[str, ...] = ()
+
+
+def declare_files(parser: argparse.ArgumentParser, inputs: dict[str, str] | None = None,
+                  outputs: Iterable[str] = ()) -> None:
+    parser.set_defaults(files=FileArguments(dict(inputs or {}), tuple(outputs)))
+
+
+def _values(args: argparse.Namespace, name: str) -> list[Path]:
+    value = getattr(args, name, None)
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return [Path(v) for v in values if v is not None and str(v) != ""]
+
+
+def input_paths(args: argparse.Namespace) -> list[Path]:
+    """The command's input files (and `--model` when it is a file), checked to exist."""
+    from ..errors import BrainDINOError
+
+    declared: FileArguments = getattr(args, "files", FileArguments())
+    paths = []
+    for name, what in declared.inputs.items():
+        for path in _values(args, name):
+            if not path.exists():
+                raise BrainDINOError(path, f"no such {what}")
+            paths.append(path)
+    return paths + [path for path in _values(args, "model") if path.is_file()]
+
+
+def check_files(args: argparse.Namespace) -> None:
+    """Before any work: every input exists and no output would replace one (same path, symlink, hard link)."""
+    from ..atomic import refuse_output_over_input
+
+    declared: FileArguments = getattr(args, "files", FileArguments())
+    outputs = [path for name in declared.outputs for path in _values(args, name)]
+    refuse_output_over_input(outputs, input_paths(args))

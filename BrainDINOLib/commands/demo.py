@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import add_model_options
+from .common import add_model_options, declare_files
 
 
 def run_demo_command(args: argparse.Namespace) -> int:
@@ -49,3 +49,4 @@ def register(commands: argparse._SubParsersAction) -> None:
                       help="axial slices the few-shot head learns from (default 5)")
     add_model_options(demo)
     demo.set_defaults(run=run_demo_command)
+    declare_files(demo, outputs=["out"])

@@ -7,7 +7,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from .common import add_model_options, parse_layers, tqdm_progress
+from .common import add_model_options, declare_files, parse_layers, tqdm_progress
 
 
 def run_info(args: argparse.Namespace) -> int:
@@ -79,3 +79,4 @@ def register(commands: argparse._SubParsersAction) -> None:
     embed.add_argument("--image-size", type=int, default=None, help="model input size (default: the model's)")
     add_model_options(embed)
     embed.set_defaults(run=run_embed)
+    declare_files(embed, inputs={"volume": "file or folder"}, outputs=["out"])

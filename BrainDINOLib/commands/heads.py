@@ -6,7 +6,7 @@ import json
 import time
 from pathlib import Path
 
-from .common import add_model_options, parse_layers, tqdm_progress
+from .common import add_model_options, declare_files, parse_layers, tqdm_progress
 
 TASK_CHOICES = ("segmentation", "classification", "regression", "survival", "knn")
 
@@ -218,6 +218,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     _add_column_options(fit)
     add_model_options(fit)
     fit.set_defaults(run=run_fit_head)
+    declare_files(fit, inputs={"manifest": "manifest file", "classes": "class-name file"}, outputs=["out", "report"])
 
     predict = commands.add_parser("predict", help="apply a head to volumes (subject heads: prints JSON)")
     predict.add_argument("head", type=Path)
@@ -228,6 +229,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     predict.add_argument("--cleanup", action="store_true", help="segmentation: keep each label's largest component")
     add_model_options(predict)
     predict.set_defaults(run=run_predict)
+    declare_files(predict, inputs={"head": "head file", "volumes": "file or folder"}, outputs=["out"])
 
     seg = commands.add_parser("segment", help="write the label volume a segmentation head predicts")
     seg.add_argument("head", type=Path)
@@ -236,6 +238,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     seg.add_argument("--cleanup", action="store_true", help="keep each label's largest connected component")
     add_model_options(seg)
     seg.set_defaults(run=run_segment)
+    declare_files(seg, inputs={"head": "head file", "volume": "file or folder"}, outputs=["out"])
 
     ev = commands.add_parser("evaluate", help="metrics and plots of a head on a manifest's cases")
     ev.add_argument("head", type=Path)
@@ -245,10 +248,12 @@ def register(commands: argparse._SubParsersAction) -> None:
     _add_column_options(ev)
     add_model_options(ev)
     ev.set_defaults(run=run_evaluate)
+    declare_files(ev, inputs={"head": "head file", "manifest": "manifest file"}, outputs=["report"])
 
     make = commands.add_parser("make-cases", help="generate labelled cases from the real templates (+ manifest)")
-    from ..synthetic import TASKS
-    make.add_argument("--task", required=True, choices=TASKS)
+    # Checked by make_cases (importing the generator here would delay every command by its scipy import).
+    make.add_argument("--task", required=True,
+                      help="tissue, lobes, aal, lesion, sequence, atrophy or survival (see the README)")
     make.add_argument("--out", required=True, type=Path, help="folder for the cases and cases.csv")
     make.add_argument("--train", type=int, default=16, help="training cases (default 16)")
     make.add_argument("--test", type=int, default=8, help="test cases (default 8)")
@@ -257,3 +262,4 @@ def register(commands: argparse._SubParsersAction) -> None:
     make.add_argument("--sequences", type=_comma_list, default=(),
                       help="sequences to render per case, e.g. T1,FLAIR (multi-modal); default per task")
     make.set_defaults(run=run_make_cases)
+    declare_files(make, outputs=["out"])

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .common import tqdm_progress
+from .common import declare_files, tqdm_progress
 
 
 def run_prepare_slices(args: argparse.Namespace) -> int:
@@ -47,6 +47,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     prepare.add_argument("--patch-size", type=int, default=16, help="the model's patch size (default 16)")
     prepare.add_argument("--shard-size", type=int, default=256, help="slices per shard file (default 256)")
     prepare.set_defaults(run=run_prepare_slices)
+    declare_files(prepare, inputs={"inputs": "file or folder"}, outputs=["output"])
 
     from ..training.entry import add_pretrain_arguments
 
@@ -57,3 +58,4 @@ def register(commands: argparse._SubParsersAction) -> None:
                           help="processes on this machine (>1 runs torchrun --standalone); for several nodes "
                                "run torchrun with Training/pretrain.py yourself")
     pretrain.set_defaults(run=run_pretrain)
+    declare_files(pretrain, inputs={"config": "config file"})
