@@ -6,6 +6,7 @@ atomically, so a crash never leaves a half-written entry that a later run would 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -13,6 +14,7 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
+from .atomic import remove_stale_temp_files
 from .errors import BrainDINOError
 from .features import VolumeFeatures
 from .slices import PreprocessConfig
@@ -53,9 +55,17 @@ class FeatureCache:
             return None
         try:
             return VolumeFeatures.load(path)
-        except BrainDINOError as error:  # an unreadable entry is a miss, and is replaced on the next put
-            log.warning("ignoring unreadable cache entry %s (%s)", path, error.problem)
+        except BrainDINOError as error:  # a damaged entry is a miss: discarded here, recomputed by the caller
+            log.warning("discarded a damaged cache entry, computing it again: %s: %s", path, error.problem)
+            with contextlib.suppress(OSError):
+                path.unlink()
             return None
 
-    def put(self, key: str, features: VolumeFeatures) -> Path:
-        return features.save(self.path_for(key))
+    def put(self, key: str, features: VolumeFeatures) -> Path | None:
+        """Store `features`; a cache that cannot be written (full disk, read-only) is a warning, not a failure."""
+        remove_stale_temp_files(self.root)  # what writers killed mid-write left behind
+        try:
+            return features.save(self.path_for(key))
+        except BrainDINOError as error:
+            log.warning("features not cached: %s", error)
+            return None

@@ -199,7 +199,13 @@ def read_checkpoint(source: str | Path) -> Checkpoint:
     card = None
     notes: list[str] = []
     if CARD_KEY in metadata:
-        card = ModelCard.from_json(metadata[CARD_KEY])
+        try:
+            card = ModelCard.from_json(metadata[CARD_KEY])
+            if card.architecture.family not in ("dinov2", "dinov3"):
+                raise ValueError(f"unknown architecture family {card.architecture.family!r}")
+        except (ValueError, KeyError, TypeError, AttributeError) as error:  # invalid JSON, fields, values
+            raise BrainDINOError(path, f"the model card in the file is not valid ({type(error).__name__}: "
+                                       f"{error})") from None
         kind, state = "braindino-safetensors", raw
     elif isinstance(raw, dict) and isinstance(raw.get("teacher"), dict):
         kind, state = "braindino-teacher", _strip_prefix(raw["teacher"], "backbone.")

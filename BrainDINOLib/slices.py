@@ -151,8 +151,9 @@ class SliceStack:
     @classmethod
     def from_volume(cls, volume: Volume, patch_size: int, config: PreprocessConfig | None = None) -> SliceStack:
         config = config or PreprocessConfig()
-        if config.image_size % patch_size:
-            raise ValueError(f"image_size {config.image_size} is not a multiple of the patch size {patch_size}")
+        if config.image_size < patch_size or config.image_size % patch_size:
+            raise BrainDINOError(f"image size {config.image_size}", f"must be a positive multiple of the model's "
+                                                                    f"patch size {patch_size}")
         mask = foreground_mask(volume)
         if mask.sum() < config.min_foreground_voxels:
             raise BrainDINOError(volume.source or "volume", f"no usable foreground: only {int(mask.sum())} voxels "

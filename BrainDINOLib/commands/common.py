@@ -28,6 +28,33 @@ def tqdm_progress(description: str, unit: str = "slice") -> tuple[Callable[[int,
     return update, bar
 
 
+def int_between(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high] (no upper bound when `high` is None)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low or (high is not None and value > high):
+            bounds = f"from {low} to {high}" if high is not None else f"of at least {low}"
+            raise argparse.ArgumentTypeError(f"expected an integer {bounds}, got {text!r}")
+        return value
+    return parse
+
+
+def float_between(low: float, high: float) -> Callable[[str], float]:
+    """An argparse type: a number in [low, high] (NaN and infinities refused)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected a number from {low:g} to {high:g}, got {text!r}")
+        return value
+    return parse
+
+
 def parse_layers(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(x) for x in text.split(",") if x.strip())
@@ -39,7 +66,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     """Options shared by every command that embeds volumes."""
     parser.add_argument("--model", default="demo", help="checkpoint file or built-in model name (default: demo)")
     parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
-    parser.add_argument("--batch-size", type=int, default=None, help="slices per batch (default: from free memory)")
+    parser.add_argument("--batch-size", type=int_between(1), default=None, help="slices per batch (default: from free memory)")
     parser.add_argument("--no-cache", action="store_true", help="neither read nor write the feature cache")
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="feature cache folder (default: $BRAINDINO_CACHE or ~/.cache/braindino)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import add_model_options, declare_files
+from .common import add_model_options, declare_files, int_between
 
 
 def run_demo_command(args: argparse.Namespace) -> int:
@@ -43,9 +43,9 @@ def register(commands: argparse._SubParsersAction) -> None:
                                            "and one report picture, and prints how long each step took. Runs on the CPU unless "
                                            "--device is given.")
     demo.add_argument("--out", type=Path, required=True, help="output folder")
-    demo.add_argument("--image-size", type=int, default=None, help="model input size (default: the model's)")
-    demo.add_argument("--clusters", type=int, default=8, help="k-means regions (default 8)")
-    demo.add_argument("--labelled-slices", type=int, default=5,
+    demo.add_argument("--image-size", type=int_between(1), default=None, help="model input size (default: the model's)")
+    demo.add_argument("--clusters", type=int_between(1, 255), default=8, help="k-means regions (default 8)")
+    demo.add_argument("--labelled-slices", type=int_between(1), default=5,
                       help="axial slices the few-shot head learns from (default 5)")
     add_model_options(demo)
     demo.set_defaults(run=run_demo_command)

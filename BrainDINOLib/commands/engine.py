@@ -7,7 +7,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from .common import add_model_options, declare_files, parse_layers, tqdm_progress
+from .common import add_model_options, declare_files, int_between, parse_layers, tqdm_progress
 
 
 def run_info(args: argparse.Namespace) -> int:
@@ -76,7 +76,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     embed.add_argument("volume", help="NIfTI/NRRD/MHA file or DICOM folder")
     embed.add_argument("--out", type=Path, default=None, help="also write the features to this .safetensors file")
     embed.add_argument("--layers", type=parse_layers, default=(), help="intermediate blocks to keep, e.g. 2,5,8,11")
-    embed.add_argument("--image-size", type=int, default=None, help="model input size (default: the model's)")
+    embed.add_argument("--image-size", type=int_between(1), default=None, help="model input size (default: the model's)")
     add_model_options(embed)
     embed.set_defaults(run=run_embed)
     declare_files(embed, inputs={"volume": "file or folder"}, outputs=["out"])

@@ -6,9 +6,10 @@ import json
 import time
 from pathlib import Path
 
-from .common import add_model_options, declare_files, parse_layers, tqdm_progress
+from .common import add_model_options, declare_files, float_between, int_between, parse_layers, tqdm_progress
 
 TASK_CHOICES = ("segmentation", "classification", "regression", "survival", "knn")
+REPORT_MARKERS = ("metrics.json", "fit_metrics.json")  # what makes a folder an earlier BrainDINO report
 
 
 def _comma_list(text: str) -> tuple[str, ...]:
@@ -32,12 +33,14 @@ def _fit_config(args: argparse.Namespace, task: str):
     from ..errors import BrainDINOError
     from ..heads import FitConfig, TrainConfig
 
+    from ..manifest import read_utf8
+
     options = vars(args)
     class_names = None
     if options.get("classes"):
         if not args.classes.is_file():
             raise BrainDINOError(args.classes, "no such class-name file")
-        class_names = [line.strip() for line in args.classes.read_text().splitlines() if line.strip()]
+        class_names = [line.strip() for line in read_utf8(args.classes).splitlines() if line.strip()]
     training = TrainConfig(**{field: options[option] for option, field in TRAINING_OPTIONS.items()
                               if option in options})
     return FitConfig(task=task, class_names=class_names, training=training,
@@ -49,47 +52,80 @@ def _print_scalars(title: str, metrics: dict) -> None:
     print(f"{title}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in scalars.items()))
 
 
+def _report_folder(path: Path) -> Path:
+    """A folder for a report: new, empty, or an earlier BrainDINO report (whose files are replaced). A folder of
+    other files is refused, so that a report never lands among (or over) unrelated files."""
+    from ..errors import BrainDINOError
+
+    if path.exists() and not path.is_dir():
+        raise BrainDINOError(path, "exists and is not a folder; give a folder for the report")
+    if path.is_dir() and any(path.iterdir()) and not any((path / name).is_file() for name in REPORT_MARKERS):
+        raise BrainDINOError(path, "is a folder of other files, not an earlier BrainDINO report; give a new or "
+                                   "empty folder for the report")
+    return path
+
+
+def _manifest_inputs(manifest, outputs: list[Path]) -> None:
+    """Refuse outputs that would replace an image, label volume or other file named in the manifest."""
+    from ..atomic import refuse_output_over_input
+
+    listed = [manifest.resolve(value) for row in manifest.rows for value in row.values() if value]
+    refuse_output_over_input(outputs, [manifest.path, *[path for path in listed if path.is_file()]])
+
+
 def run_fit_head(args: argparse.Namespace) -> int:
-    from ..encoder import load_encoder
-    from ..heads import Manifest, evaluate, fit_head, save_head, write_report
-    from ..heads.evaluation import Evaluation
+    """Check everything cheap first; write the head and its report only once fitting and testing succeeded."""
+    from ..manifest import Manifest
 
     manifest = Manifest.read(args.manifest)
-    encoder = load_encoder(args.model, device=args.device)
+    report = _report_folder(args.report or args.out.with_name(args.out.name.split(".")[0] + "_report"))
+    _manifest_inputs(manifest, [args.out, report])
+
+    from ..encoder import load_encoder
+    from ..heads import evaluate, fit_head, save_head, write_report
+    from ..heads.evaluation import Evaluation
+
     config = _fit_config(args, args.task)
+    encoder = load_encoder(args.model, device=args.device)
     cache = _cache(args)
-    report = args.report or args.out.with_name(args.out.name.split(".")[0] + "_report")
     started = time.perf_counter()
     progress, bar = tqdm_progress("features", unit="case")
     with bar:
         result = fit_head(manifest, encoder, config, cache, progress=progress)
+    seconds = time.perf_counter() - started
+    test = None
+    if manifest.select("test") and "split" in manifest.columns:
+        test = evaluate(result.head, manifest, encoder, cache, split="test", columns=config)
     save_head(result.head, args.out)
-    print(f"fitted a {args.task} head in {time.perf_counter() - started:.1f} s; wrote {args.out}")
-    fit_metrics = Evaluation(result.metrics, [])
-    write_report(report, fit_metrics, result.head, result.history, stem="fit_metrics")
+    print(f"fitted a {args.task} head in {seconds:.1f} s; wrote {args.out}")
+    write_report(report, Evaluation(result.metrics, []), result.head, result.history, stem="fit_metrics")
     for part in ("validation", "cross_validation"):
         if part in result.metrics:
             _print_scalars(part, result.metrics[part])
-    if manifest.select("test") and "split" in manifest.columns:
-        evaluation = evaluate(result.head, manifest, encoder, cache, split="test", columns=config)
-        write_report(report, evaluation, result.head)
-        _print_scalars("test", evaluation.metrics)
+    if test is not None:
+        write_report(report, test, result.head)
+        _print_scalars("test", test.metrics)
     print(f"report in {report}")
     return 0
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    from ..manifest import Manifest
+
+    manifest = Manifest.read(args.manifest)
+    report = _report_folder(args.report)
+    _manifest_inputs(manifest, [report])
+
     from ..encoder import load_encoder
-    from ..heads import Manifest, evaluate, load_head, write_report
+    from ..heads import evaluate, load_head, write_report
 
     head = load_head(args.head)
-    manifest = Manifest.read(args.manifest)
     encoder = load_encoder(args.model, device=args.device)
     progress, bar = tqdm_progress("cases", unit="case")
     with bar:
         evaluation = evaluate(head, manifest, encoder, _cache(args), split=None if args.split == "all" else args.split,
                               columns=_fit_config(args, head.card.task), progress=progress)
-    written = write_report(args.report, evaluation, head)
+    written = write_report(report, evaluation, head)
     _print_scalars(f"{head.card.task} ({evaluation.metrics.get('subjects', evaluation.metrics.get('cases'))} cases)",
                    evaluation.metrics)
     print(f"wrote {', '.join(str(p) for p in written)}")
@@ -202,19 +238,19 @@ def register(commands: argparse._SubParsersAction) -> None:
     fit.add_argument("--report", type=Path, default=None, help="metrics and plots folder (default: <out>_report)")
     fit.add_argument("--kind", default="", choices=("", "linear", "decoder"), help="segmentation head (default linear)")
     fit.add_argument("--pooling", default="mean", choices=("mean", "attention"), help="subject pooling (default mean)")
-    fit.add_argument("--hidden", type=int, default=256, help="subject heads: MLP width; 0 = linear (default 256)")
+    fit.add_argument("--hidden", type=int_between(0), default=256, help="subject heads: MLP width; 0 = linear (default 256)")
     fit.add_argument("--layers", type=parse_layers, default=(),
                      help="segmentation: blocks to concatenate, e.g. 2,5,8,11")
-    fit.add_argument("--image-size", type=int, default=None, help="model input size (default: the model's)")
+    fit.add_argument("--image-size", type=int_between(1), default=None, help="model input size (default: the model's)")
     fit.add_argument("--classes", type=Path, default=None, help="segmentation: class names by label value, one a line")
-    fit.add_argument("--val-fraction", type=float, default=0.2, help="validation share for early stopping (0.2)")
-    fit.add_argument("--folds", type=int, default=0, help="k-fold cross-validation estimate (0: none)")
-    fit.add_argument("--label-fraction", type=float, default=1.0, help="train on this share of the labelled cases")
+    fit.add_argument("--val-fraction", type=float_between(0.0, 0.9), default=0.2, help="validation share for early stopping (0.2)")
+    fit.add_argument("--folds", type=int_between(0), default=0, help="k-fold cross-validation estimate (0: none)")
+    fit.add_argument("--label-fraction", type=float_between(0.0, 1.0), default=1.0, help="train on this share of the labelled cases")
     fit.add_argument("--seed", type=int, default=0)
-    fit.add_argument("--epochs", type=int, default=200)
-    fit.add_argument("--lr", type=float, default=1e-3)
-    fit.add_argument("--batch", type=int, default=32, help="slices (segmentation) or subjects per step")
-    fit.add_argument("--patience", type=int, default=30, help="early stopping patience in epochs")
+    fit.add_argument("--epochs", type=int_between(1), default=200)
+    fit.add_argument("--lr", type=float_between(0.0, 10.0), default=1e-3)
+    fit.add_argument("--batch", type=int_between(1), default=32, help="slices (segmentation) or subjects per step")
+    fit.add_argument("--patience", type=int_between(1), default=30, help="early stopping patience in epochs")
     _add_column_options(fit)
     add_model_options(fit)
     fit.set_defaults(run=run_fit_head)
@@ -255,10 +291,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     make.add_argument("--task", required=True,
                       help="tissue, lobes, aal, lesion, sequence, atrophy or survival (see the README)")
     make.add_argument("--out", required=True, type=Path, help="folder for the cases and cases.csv")
-    make.add_argument("--train", type=int, default=16, help="training cases (default 16)")
-    make.add_argument("--test", type=int, default=8, help="test cases (default 8)")
+    make.add_argument("--train", type=int_between(0), default=16, help="training cases (default 16)")
+    make.add_argument("--test", type=int_between(0), default=8, help="test cases (default 8)")
     make.add_argument("--seed", type=int, default=0)
-    make.add_argument("--spacing", type=float, default=2.0, help="voxel size in mm (default 2)")
+    make.add_argument("--spacing", type=float_between(0.5, 10.0), default=2.0, help="voxel size in mm (default 2)")
     make.add_argument("--sequences", type=_comma_list, default=(),
                       help="sequences to render per case, e.g. T1,FLAIR (multi-modal); default per task")
     make.set_defaults(run=run_make_cases)

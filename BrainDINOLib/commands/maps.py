@@ -6,7 +6,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .common import add_model_options, declare_files, tqdm_progress
+from .common import add_model_options, declare_files, int_between, tqdm_progress
 
 if TYPE_CHECKING:
     import numpy as np
@@ -25,19 +25,6 @@ def png_path(text: str) -> Path:
     if not text.lower().endswith(".png"):
         raise argparse.ArgumentTypeError(f"{text}: picture files must end in .png")
     return Path(text)
-
-
-def int_between(low: int, high: int):
-    """An argparse type: an integer in [low, high]."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = low - 1
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"expected an integer from {low} to {high}, got {text!r}")
-        return value
-    return parse
 
 
 def parse_point(text: str) -> np.ndarray:
@@ -181,7 +168,7 @@ def _map_parser(commands: argparse._SubParsersAction, name: str, help_text: str,
                                                                        "written on the input's exact grid)")
     parser.add_argument("--png", type=png_path, default=None,
                         help="also write a PNG montage (axial, coronal, sagittal slices with the map overlaid)")
-    parser.add_argument("--image-size", type=int, default=None, help="model input size (default: the model's)")
+    parser.add_argument("--image-size", type=int_between(1), default=None, help="model input size (default: the model's)")
     add_model_options(parser)
     return parser
 

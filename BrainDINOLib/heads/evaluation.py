@@ -13,6 +13,7 @@ import numpy as np
 
 from ..cache import FeatureCache
 from ..encoder import Encoder
+from ..errors import BrainDINOError
 from ..features import VolumeFeatures
 from . import plots
 from .fitting import (FeatureSource, FitConfig, Manifest, SubjectData, read_labels, subject_bags, subject_metrics,
@@ -45,14 +46,13 @@ def evaluate(head: Head, manifest: Manifest, encoder: Encoder, cache: FeatureCac
              cancel=None) -> Evaluation:
     """Metrics of `head` on the manifest rows of `split` (`test`; all rows when there is no split column).
     Column names come from `columns` (a `FitConfig`; the defaults otherwise)."""
-    rows = manifest.select(split)
-    if not rows:
-        rows = manifest.select(None)
+    rows = manifest.rows_of_split(split)
     source = FeatureSource.for_head(head, encoder, cache, progress=progress, cancel=cancel)
     card = head.card
     config = replace(columns, task=card.task) if columns else FitConfig(task=card.task)
     if card.task == "segmentation":
         column = manifest.image_columns(config.image_columns)[0]
+        manifest.image_paths(rows, [column, config.label_column])
         per_case, predictions = [], []
         for row in rows:
             features = source(manifest.resolve(manifest.rows[row][column]))
@@ -69,8 +69,10 @@ def evaluate(head: Head, manifest: Manifest, encoder: Encoder, cache: FeatureCac
                    "dice_per_class": {n: float(np.nanmean([m["per_class"][n]["dice"] for m in per_case
                                                            if n in m["per_class"]] or [np.nan])) for n in names}}
         return Evaluation(metrics, predictions)
+    _refuse_label_volumes(manifest, rows, config.label_column, card.task)
     y, event, _ = subject_targets(manifest, rows, config, card.class_names or None)
     images = list(config.image_columns or card.modalities) or manifest.image_columns()
+    manifest.image_paths(rows, images)
     data = SubjectData(subject_bags(manifest, rows, images, source), y, event)
     metrics, outputs = subject_metrics(head, data)
     metrics = {"task": card.task, "subjects": len(rows), **metrics}
@@ -93,6 +95,15 @@ def evaluate(head: Head, manifest: Manifest, encoder: Encoder, cache: FeatureCac
                        high_risk_subjects=int(groups.high.sum()))
         arrays["groups"] = groups
     return Evaluation(metrics, predictions, arrays)
+
+
+def _refuse_label_volumes(manifest: Manifest, rows: list[int], column: str, task: str) -> None:
+    """A classification or kNN head evaluated on a segmentation manifest: say so, not "unknown classes"."""
+    if task not in ("classification", "knn") or column not in manifest.columns:
+        return
+    if all(manifest.rows[i][column] and manifest.resolve(manifest.rows[i][column]).is_file() for i in rows):
+        raise BrainDINOError(manifest.path, f"its {column} column holds label volumes (a segmentation manifest); "
+                                            f"this is a {task} head, which needs class names there")
 
 
 def write_report(folder: str | Path, evaluation: Evaluation, head: Head, history: History | None = None,
