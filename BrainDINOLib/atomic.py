@@ -81,6 +81,26 @@ def _overwrite_problem(source: str | Path) -> str:
             "choose another output path")
 
 
+def check_writable(target: str | Path) -> None:
+    """Raise (before any work) if `target` cannot be written: a read-only location, no permission, or a file
+    where the path needs a folder. Looks at the folder that would receive it, or its nearest existing ancestor."""
+    target = Path(target)
+    if target.exists():
+        place = target if target.is_dir() else target.parent
+    else:
+        place = next((p for p in target.parents if p.exists()), Path("."))
+        if not place.is_dir():
+            raise BrainDINOError(target, _write_problem(OSError(errno.ENOTDIR, "not a folder")))
+    problem = None
+    with contextlib.suppress(OSError):
+        if os.statvfs(place).f_flag & os.ST_RDONLY:
+            problem = errno.EROFS
+    if problem is None and not os.access(place, os.W_OK):
+        problem = errno.EACCES
+    if problem is not None:
+        raise BrainDINOError(target, _write_problem(OSError(problem, os.strerror(problem))))
+
+
 # ---- atomic, verified writes -----------------------------------------------------------------------------------
 
 class IncompleteWriteError(Exception):

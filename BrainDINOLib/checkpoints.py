@@ -121,9 +121,12 @@ def _load_tensors(path: Path) -> tuple[Any, dict[str, str]]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True), {}
     except pickle.UnpicklingError as error:
-        reason = str(error).splitlines()[0] if str(error) else "unsafe content"
+        # torch names the refused class or function as "GLOBAL module.name"; anything else is damaged data.
+        unsafe = re.search(r"GLOBAL ([\w.]+)", str(error))
+        if unsafe is None:
+            raise BrainDINOError(path, "not a readable PyTorch checkpoint (corrupt or truncated?)") from None
         raise BrainDINOError(path, "refused: the checkpoint holds pickled objects that are not plain tensors "
-                                   f"and loading it could run code ({reason})") from None
+                                   f"and loading it could run code ({unsafe.group(1)})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise BrainDINOError(path, f"not a readable PyTorch checkpoint (corrupt or truncated?): {reason}") from None

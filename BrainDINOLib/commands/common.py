@@ -74,16 +74,17 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 
 @dataclass(frozen=True)
 class FileArguments:
-    """Which arguments of a command name files: `inputs` (argument -> what it is, for "no such <what>") must
-    exist; `outputs` must not resolve to any input. `--model`, when it is a file, counts as an input."""
+    """Which arguments of a command name files. `inputs`: argument -> what it is (for "no such <what>"); they
+    must exist. `outputs`: argument -> "file", "folder" or "file or folder"; they must be writable, of that
+    kind where they exist, and never resolve to an input. `--model`, when it is a file, counts as an input."""
 
     inputs: dict[str, str] = field(default_factory=dict)
-    outputs: tuple[str, ...] = ()
+    outputs: dict[str, str] = field(default_factory=dict)
 
 
 def declare_files(parser: argparse.ArgumentParser, inputs: dict[str, str] | None = None,
-                  outputs: Iterable[str] = ()) -> None:
-    parser.set_defaults(files=FileArguments(dict(inputs or {}), tuple(outputs)))
+                  outputs: dict[str, str] | None = None) -> None:
+    parser.set_defaults(files=FileArguments(dict(inputs or {}), dict(outputs or {})))
 
 
 def _values(args: argparse.Namespace, name: str) -> list[Path]:
@@ -107,9 +108,18 @@ def input_paths(args: argparse.Namespace) -> list[Path]:
 
 
 def check_files(args: argparse.Namespace) -> None:
-    """Before any work: every input exists and no output would replace one (same path, symlink, hard link)."""
-    from ..atomic import refuse_output_over_input
+    """Before any work: every input exists, and every output can be written without replacing an input (same
+    path, symlink or hard link), a folder where a file belongs, or a file where a folder belongs."""
+    from ..atomic import check_writable, refuse_output_over_input
+    from ..errors import BrainDINOError
 
     declared: FileArguments = getattr(args, "files", FileArguments())
-    outputs = [path for name in declared.outputs for path in _values(args, name)]
-    refuse_output_over_input(outputs, input_paths(args))
+    inputs = input_paths(args)
+    for name, kind in declared.outputs.items():
+        for path in _values(args, name):
+            if kind == "file" and path.is_dir():
+                raise BrainDINOError(path, "is a folder; give a file name for this output")
+            if kind == "folder" and path.exists() and not path.is_dir():
+                raise BrainDINOError(path, "exists and is not a folder; give a folder for this output")
+            refuse_output_over_input([path], inputs)
+            check_writable(path)

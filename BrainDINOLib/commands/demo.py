@@ -49,4 +49,4 @@ def register(commands: argparse._SubParsersAction) -> None:
                       help="axial slices the few-shot head learns from (default 5)")
     add_model_options(demo)
     demo.set_defaults(run=run_demo_command)
-    declare_files(demo, outputs=["out"])
+    declare_files(demo, outputs={"out": "folder"})

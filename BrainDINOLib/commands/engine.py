@@ -79,4 +79,4 @@ def register(commands: argparse._SubParsersAction) -> None:
     embed.add_argument("--image-size", type=int_between(1), default=None, help="model input size (default: the model's)")
     add_model_options(embed)
     embed.set_defaults(run=run_embed)
-    declare_files(embed, inputs={"volume": "file or folder"}, outputs=["out"])
+    declare_files(embed, inputs={"volume": "file or folder"}, outputs={"out": "file"})

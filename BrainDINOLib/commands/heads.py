@@ -6,10 +6,18 @@ import json
 import time
 from pathlib import Path
 
+from ..errors import BrainDINOError
 from .common import add_model_options, declare_files, float_between, int_between, parse_layers, tqdm_progress
 
 TASK_CHOICES = ("segmentation", "classification", "regression", "survival", "knn")
 REPORT_MARKERS = ("metrics.json", "fit_metrics.json")  # what makes a folder an earlier BrainDINO report
+
+
+def head_path(text: str) -> Path:
+    """A head file to write: checked before fitting, not after."""
+    if not text.endswith(".safetensors"):
+        raise argparse.ArgumentTypeError(f"{text}: a head is saved as a .safetensors file")
+    return Path(text)
 
 
 def _comma_list(text: str) -> tuple[str, ...]:
@@ -30,9 +38,7 @@ FIT_OPTIONS = ("kind", "pooling", "hidden", "layers", "image_size", "image_colum
 
 def _fit_config(args: argparse.Namespace, task: str):
     """A `FitConfig` from the options this command has: manifest columns, and fitting options for fit-head."""
-    from ..errors import BrainDINOError
     from ..heads import FitConfig, TrainConfig
-
     from ..manifest import read_utf8
 
     options = vars(args)
@@ -55,7 +61,6 @@ def _print_scalars(title: str, metrics: dict) -> None:
 def _report_folder(path: Path) -> Path:
     """A folder for a report: new, empty, or an earlier BrainDINO report (whose files are replaced). A folder of
     other files is refused, so that a report never lands among (or over) unrelated files."""
-    from ..errors import BrainDINOError
 
     if path.exists() and not path.is_dir():
         raise BrainDINOError(path, "exists and is not a folder; give a folder for the report")
@@ -84,8 +89,10 @@ def run_fit_head(args: argparse.Namespace) -> int:
     from ..encoder import load_encoder
     from ..heads import evaluate, fit_head, save_head, write_report
     from ..heads.evaluation import Evaluation
+    from ..heads.fitting import check_manifest
 
     config = _fit_config(args, args.task)
+    check_manifest(manifest, config)  # before the model is loaded
     encoder = load_encoder(args.model, device=args.device)
     cache = _cache(args)
     started = time.perf_counter()
@@ -118,13 +125,15 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     from ..encoder import load_encoder
     from ..heads import evaluate, load_head, write_report
+    from ..heads.evaluation import evaluation_rows
 
     head = load_head(args.head)
+    split, columns = None if args.split == "all" else args.split, _fit_config(args, head.card.task)
+    evaluation_rows(head, manifest, split, columns)  # before the model is loaded
     encoder = load_encoder(args.model, device=args.device)
     progress, bar = tqdm_progress("cases", unit="case")
     with bar:
-        evaluation = evaluate(head, manifest, encoder, _cache(args), split=None if args.split == "all" else args.split,
-                              columns=_fit_config(args, head.card.task), progress=progress)
+        evaluation = evaluate(head, manifest, encoder, _cache(args), split=split, columns=columns, progress=progress)
     written = write_report(report, evaluation, head)
     _print_scalars(f"{head.card.task} ({evaluation.metrics.get('subjects', evaluation.metrics.get('cases'))} cases)",
                    evaluation.metrics)
@@ -141,7 +150,6 @@ def _head_features(args: argparse.Namespace, head):
 
 
 def _segmentation_output(out: Path | None, volume: str, many: bool) -> Path:
-    from ..errors import BrainDINOError
     if out is None:
         raise BrainDINOError(volume, "a segmentation head writes label volumes: give --out")
     if not many:
@@ -154,6 +162,10 @@ def run_predict(args: argparse.Namespace) -> int:
     from ..volume import write_volume
 
     head = load_head(args.head)
+    modalities = max(1, len(head.card.modalities))
+    if head.card.task != "segmentation" and len(args.volumes) % modalities:
+        raise BrainDINOError(args.head, f"needs {modalities} volumes per subject ({', '.join(head.card.modalities)}), "
+                                        f"got {len(args.volumes)}")
     features = _head_features(args, head)
     if head.card.task == "segmentation":
         for volume in args.volumes:
@@ -161,11 +173,6 @@ def run_predict(args: argparse.Namespace) -> int:
             write_volume(segment(head, features(volume), cleanup=args.cleanup), target)
             print(f"wrote {target}")
         return 0
-    modalities = max(1, len(head.card.modalities))
-    if len(args.volumes) % modalities:
-        from ..errors import BrainDINOError
-        raise BrainDINOError(args.head, f"needs {modalities} volumes per subject ({', '.join(head.card.modalities)}), "
-                                        f"got {len(args.volumes)}")
     results = []
     for start in range(0, len(args.volumes), modalities):
         group = args.volumes[start:start + modalities]
@@ -197,6 +204,8 @@ def run_segment(args: argparse.Namespace) -> int:
     from ..volume import write_volume
 
     head = load_head(args.head)
+    if head.card.task != "segmentation":
+        raise BrainDINOError(args.head, f"is a {head.card.task} head; segment needs a segmentation head (use predict)")
     features = _head_features(args, head)
     labels = segment(head, features(args.volume), cleanup=args.cleanup)
     write_volume(labels, args.out)
@@ -234,7 +243,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     fit = commands.add_parser("fit-head", help="fit a head on the labelled cases of a CSV manifest")
     fit.add_argument("--task", required=True, choices=TASK_CHOICES)
     fit.add_argument("--manifest", required=True, type=Path, help="CSV: one row per case (see the README)")
-    fit.add_argument("--out", required=True, type=Path, help="head file to write (.safetensors)")
+    fit.add_argument("--out", required=True, type=head_path, help="head file to write (.safetensors)")
     fit.add_argument("--report", type=Path, default=None, help="metrics and plots folder (default: <out>_report)")
     fit.add_argument("--kind", default="", choices=("", "linear", "decoder"), help="segmentation head (default linear)")
     fit.add_argument("--pooling", default="mean", choices=("mean", "attention"), help="subject pooling (default mean)")
@@ -254,7 +263,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     _add_column_options(fit)
     add_model_options(fit)
     fit.set_defaults(run=run_fit_head)
-    declare_files(fit, inputs={"manifest": "manifest file", "classes": "class-name file"}, outputs=["out", "report"])
+    declare_files(fit, inputs={"manifest": "manifest file", "classes": "class-name file"},
+                  outputs={"out": "file", "report": "folder"})
 
     predict = commands.add_parser("predict", help="apply a head to volumes (subject heads: prints JSON)")
     predict.add_argument("head", type=Path)
@@ -265,7 +275,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     predict.add_argument("--cleanup", action="store_true", help="segmentation: keep each label's largest component")
     add_model_options(predict)
     predict.set_defaults(run=run_predict)
-    declare_files(predict, inputs={"head": "head file", "volumes": "file or folder"}, outputs=["out"])
+    declare_files(predict, inputs={"head": "head file", "volumes": "file or folder"}, outputs={"out": "file or folder"})
 
     seg = commands.add_parser("segment", help="write the label volume a segmentation head predicts")
     seg.add_argument("head", type=Path)
@@ -274,7 +284,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     seg.add_argument("--cleanup", action="store_true", help="keep each label's largest connected component")
     add_model_options(seg)
     seg.set_defaults(run=run_segment)
-    declare_files(seg, inputs={"head": "head file", "volume": "file or folder"}, outputs=["out"])
+    declare_files(seg, inputs={"head": "head file", "volume": "file or folder"}, outputs={"out": "file"})
 
     ev = commands.add_parser("evaluate", help="metrics and plots of a head on a manifest's cases")
     ev.add_argument("head", type=Path)
@@ -284,7 +294,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     _add_column_options(ev)
     add_model_options(ev)
     ev.set_defaults(run=run_evaluate)
-    declare_files(ev, inputs={"head": "head file", "manifest": "manifest file"}, outputs=["report"])
+    declare_files(ev, inputs={"head": "head file", "manifest": "manifest file"}, outputs={"report": "folder"})
 
     make = commands.add_parser("make-cases", help="generate labelled cases from the real templates (+ manifest)")
     # Checked by make_cases (importing the generator here would delay every command by its scipy import).
@@ -298,4 +308,4 @@ def register(commands: argparse._SubParsersAction) -> None:
     make.add_argument("--sequences", type=_comma_list, default=(),
                       help="sequences to render per case, e.g. T1,FLAIR (multi-modal); default per task")
     make.set_defaults(run=run_make_cases)
-    declare_files(make, outputs=["out"])
+    declare_files(make, outputs={"out": "folder"})

@@ -34,7 +34,7 @@ def parse_point(text: str) -> np.ndarray:
         values = [float(x) for x in text.replace(" ", "").split(",")]
     except ValueError:
         values = []
-    if len(values) != 3:
+    if len(values) != 3 or not np.isfinite(values).all():
         raise argparse.ArgumentTypeError(f"expected three comma-separated millimetres X,Y,Z, got {text!r}")
     return np.array(values)
 
@@ -182,7 +182,8 @@ def register(commands: argparse._SubParsersAction) -> None:
                      help="fit on every patch and keep colours outside the head mask")
     pca.add_argument("--seed", type=int, default=0, help="seed of the token subsample (default 0)")
     pca.set_defaults(run=run_pca)
-    declare_files(pca, inputs={"volume": "file or folder"}, outputs=["out", "png", "components_out"])
+    declare_files(pca, inputs={"volume": "file or folder"},
+                  outputs={"out": "file", "png": "file", "components_out": "file"})
 
     similarity = _map_parser(commands, "similarity", "cosine similarity of every voxel's feature to one point's",
                              "similarity volume (float32 in [-1, 1])")
@@ -194,18 +195,20 @@ def register(commands: argparse._SubParsersAction) -> None:
     similarity.add_argument("--target", default=None,
                             help="map the similarity over this other volume instead (find the structure there)")
     similarity.set_defaults(run=run_similarity)
-    declare_files(similarity, inputs={"volume": "file or folder", "target": "file or folder"}, outputs=["out", "png"])
+    declare_files(similarity, inputs={"volume": "file or folder", "target": "file or folder"},
+                  outputs={"out": "file", "png": "file"})
 
     attention = _map_parser(commands, "attention", "last-block CLS-to-patch attention (mean over heads)",
                             "mean attention volume (float32)")
     attention.add_argument("--heads-out", type=output_path, default=None,
                            help="also write one attention channel per head as a vector volume")
     attention.set_defaults(run=run_attention)
-    declare_files(attention, inputs={"volume": "file or folder"}, outputs=["out", "png", "heads_out"])
+    declare_files(attention, inputs={"volume": "file or folder"},
+                  outputs={"out": "file", "png": "file", "heads_out": "file"})
 
     cluster = _map_parser(commands, "cluster", "k-means regions of the patch features (unsupervised parcellation)",
                           "label volume (uint8, 0 = background)")
     cluster.add_argument("-k", "--clusters", type=int_between(1, 255), default=8, help="number of regions (default 8)")
     cluster.add_argument("--seed", type=int, default=0, help="k-means seed (default 0)")
     cluster.set_defaults(run=run_cluster)
-    declare_files(cluster, inputs={"volume": "file or folder"}, outputs=["out", "png"])
+    declare_files(cluster, inputs={"volume": "file or folder"}, outputs={"out": "file", "png": "file"})

@@ -47,7 +47,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     prepare.add_argument("--patch-size", type=int_between(1), default=16, help="the model's patch size (default 16)")
     prepare.add_argument("--shard-size", type=int_between(1), default=256, help="slices per shard file (default 256)")
     prepare.set_defaults(run=run_prepare_slices)
-    declare_files(prepare, inputs={"inputs": "file or folder"}, outputs=["output"])
+    declare_files(prepare, inputs={"inputs": "file or folder"}, outputs={"output": "folder"})
 
     from ..training.entry import add_pretrain_arguments
 

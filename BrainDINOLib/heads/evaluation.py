@@ -41,18 +41,40 @@ def segmentation_case_metrics(head: Head, features: VolumeFeatures, labels: np.n
                                 spacing)
 
 
+def _subject_image_columns(card, manifest: Manifest, config: FitConfig) -> list[str]:
+    return list(config.image_columns or card.modalities) or manifest.image_columns()
+
+
+def evaluation_rows(head: Head, manifest: Manifest, split: str | None = "test",
+                    columns: FitConfig | None = None) -> list[int]:
+    """The rows `evaluate` uses, after checking, before any features are computed, that the manifest suits this
+    head: the split exists, every target is valid for the head's task and classes, every file exists."""
+    card = head.card
+    config = replace(columns, task=card.task) if columns else FitConfig(task=card.task)
+    rows = manifest.rows_of_split(split)
+    if card.task == "segmentation":
+        manifest.require(config.label_column)
+        manifest.image_paths(rows, [manifest.image_columns(config.image_columns)[0], config.label_column])
+        return rows
+    images = _subject_image_columns(card, manifest, config)
+    manifest.require(*images)
+    _refuse_label_volumes(manifest, rows, config.label_column, card.task)
+    subject_targets(manifest, rows, config, card.class_names or None)
+    manifest.image_paths(rows, images)
+    return rows
+
+
 def evaluate(head: Head, manifest: Manifest, encoder: Encoder, cache: FeatureCache | None = None,
              split: str | None = "test", columns: FitConfig | None = None, progress=None,
              cancel=None) -> Evaluation:
     """Metrics of `head` on the manifest rows of `split` (`test`; all rows when there is no split column).
     Column names come from `columns` (a `FitConfig`; the defaults otherwise)."""
-    rows = manifest.rows_of_split(split)
+    rows = evaluation_rows(head, manifest, split, columns)
     source = FeatureSource.for_head(head, encoder, cache, progress=progress, cancel=cancel)
     card = head.card
     config = replace(columns, task=card.task) if columns else FitConfig(task=card.task)
     if card.task == "segmentation":
         column = manifest.image_columns(config.image_columns)[0]
-        manifest.image_paths(rows, [column, config.label_column])
         per_case, predictions = [], []
         for row in rows:
             features = source(manifest.resolve(manifest.rows[row][column]))
@@ -69,10 +91,8 @@ def evaluate(head: Head, manifest: Manifest, encoder: Encoder, cache: FeatureCac
                    "dice_per_class": {n: float(np.nanmean([m["per_class"][n]["dice"] for m in per_case
                                                            if n in m["per_class"]] or [np.nan])) for n in names}}
         return Evaluation(metrics, predictions)
-    _refuse_label_volumes(manifest, rows, config.label_column, card.task)
     y, event, _ = subject_targets(manifest, rows, config, card.class_names or None)
-    images = list(config.image_columns or card.modalities) or manifest.image_columns()
-    manifest.image_paths(rows, images)
+    images = _subject_image_columns(card, manifest, config)
     data = SubjectData(subject_bags(manifest, rows, images, source), y, event)
     metrics, outputs = subject_metrics(head, data)
     metrics = {"task": card.task, "subjects": len(rows), **metrics}

@@ -37,6 +37,7 @@ from .training import History, TrainConfig, train_module
 log = logging.getLogger(__name__)
 
 SUBJECT_TASKS = ("classification", "regression", "survival", "knn")
+UNKNOWN_TASK = "unknown task; use segmentation, classification, regression, survival or knn"
 
 
 # ---- configuration -------------------------------------------------------------------------------------------
@@ -138,8 +139,6 @@ def validation_split(count: int, fraction: float, seed: int, labels: np.ndarray 
 
 
 def folds_of(count: int, folds: int, seed: int, labels: np.ndarray | None = None):
-    if folds > count:
-        raise BrainDINOError(f"{folds} folds", f"cannot split {count} training subjects; use at most {count}")
     splitter = StratifiedKFold(folds, shuffle=True, random_state=seed) if _stratify(labels) is not None and \
         np.unique(labels, return_counts=True)[1].min() >= folds else KFold(folds, shuffle=True, random_state=seed)
     return list(splitter.split(np.zeros(count), labels))
@@ -265,18 +264,10 @@ def _fit_subject_head(data: SubjectData, val: SubjectData | None, config: FitCon
 def fit_subject(manifest: Manifest, encoder: Encoder, config: FitConfig, cache: FeatureCache | None = None,
                 progress=None, cancel=None) -> FitResult:
     """Fit a classification, regression, survival or kNN head on the manifest's training rows."""
+    rows = check_manifest(manifest, config)
     columns = manifest.image_columns(config.image_columns)
-    rows = manifest.training_rows()
-    y, event, class_names = subject_targets(manifest, rows, config)
-    if config.task == "survival" and not admissible_pairs(y, event):
-        raise BrainDINOError(manifest.path, f"no two training subjects can be compared ({int(event.sum())} events "
-                                            f"among {len(rows)} subjects, none outlived by another subject); a "
-                                            "survival head needs observed events followed by longer survivors")
-    if config.task == "regression" and np.ptp(y) == 0:
-        raise BrainDINOError(manifest.path, f"every training row has {config.target_column} {y[0]:g}; a regression "
-                                            "head needs targets that vary")
-    manifest.image_paths(rows, columns)
     manifest.warn_shared_images(columns)
+    y, event, class_names = subject_targets(manifest, rows, config)
     strata = y if class_names else None
     keep = label_subset(len(rows), config.label_fraction, config.seed, strata)
     rows, y = [rows[i] for i in keep], y[keep]
@@ -345,10 +336,8 @@ def read_labels(manifest: Manifest, row: int, column: str, shape: tuple[int, ...
 def fit_segmentation(manifest: Manifest, encoder: Encoder, config: FitConfig, cache: FeatureCache | None = None,
                      progress=None, cancel=None) -> FitResult:
     """Fit a segmentation head on every embedded slice of the manifest's training cases."""
-    manifest.require(config.label_column)
+    rows = check_manifest(manifest, config)
     column = manifest.image_columns(config.image_columns)[0]
-    rows = manifest.training_rows()
-    manifest.image_paths(rows, [column, config.label_column])
     manifest.warn_shared_images([column])
     rows = [rows[i] for i in label_subset(len(rows), config.label_fraction, config.seed)]
     preprocessing = default_preprocessing(encoder)
@@ -407,6 +396,36 @@ def fit_segmentation(manifest: Manifest, encoder: Encoder, config: FitConfig, ca
     return FitResult(head, history, metrics)
 
 
+def check_manifest(manifest: Manifest, config: FitConfig) -> list[int]:
+    """Check, before any features are computed, everything a fit of `config.task` needs from the manifest:
+    columns, splits, every training and test target (see `Manifest`), that the targets can teach something
+    (two classes, varying numbers, comparable survival pairs) and that every image and label file exists.
+    Returns the training rows."""
+    if config.task not in ("segmentation", *SUBJECT_TASKS):
+        raise BrainDINOError(config.task, UNKNOWN_TASK)
+    rows = manifest.training_rows()
+    test = manifest.select("test") if "split" in manifest.columns else []
+    if config.task == "segmentation":
+        manifest.require(config.label_column)
+        files = [manifest.image_columns(config.image_columns)[0], config.label_column]
+        manifest.image_paths(rows + test, files)
+        return rows
+    y, event, class_names = subject_targets(manifest, rows, config)
+    subject_targets(manifest, test, config, class_names)
+    if config.task == "survival" and not admissible_pairs(y, event):
+        raise BrainDINOError(manifest.path, f"no two training subjects can be compared ({int(event.sum())} events "
+                                            f"among {len(rows)} subjects, none outlived by another subject); a "
+                                            "survival head needs observed events followed by longer survivors")
+    if config.task == "regression" and np.ptp(y) == 0:
+        raise BrainDINOError(manifest.path, f"every training row has {config.target_column} {y[0]:g}; a regression "
+                                            "head needs targets that vary")
+    if config.folds > len(rows):
+        raise BrainDINOError(f"{config.folds} folds", f"cannot split {len(rows)} training subjects; use at most "
+                                                      f"{len(rows)}")
+    manifest.image_paths(rows + test, manifest.image_columns(config.image_columns))
+    return rows
+
+
 def fit_head(manifest: Manifest, encoder: Encoder, config: FitConfig, cache: FeatureCache | None = None,
              progress=None, cancel=None) -> FitResult:
     """Fit the head `config.task` asks for (see the module docstring for the manifest's columns)."""
@@ -414,4 +433,4 @@ def fit_head(manifest: Manifest, encoder: Encoder, config: FitConfig, cache: Fea
         return fit_segmentation(manifest, encoder, config, cache, progress, cancel)
     if config.task in SUBJECT_TASKS:
         return fit_subject(manifest, encoder, config, cache, progress, cancel)
-    raise BrainDINOError(config.task, "unknown task; use segmentation, classification, regression, survival or knn")
+    raise BrainDINOError(config.task, UNKNOWN_TASK)
