@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import time
@@ -82,7 +83,6 @@ def snapshot(root: Path) -> dict[str, str]:
 
 def _nifti_with(path: Path, source: Path, offset: int, fmt: str, value) -> Path:
     """A copy of the uncompressed NIfTI `source` with one header field overwritten (struct format, byte offset)."""
-    import struct
     data = bytearray(source.read_bytes())
     struct.pack_into(fmt, data, offset, value)
     path.write_bytes(bytes(data))
@@ -102,9 +102,7 @@ def _bad_volumes(folder: Path, good: Path) -> dict[str, Path]:
     with_inf[1, 1, 1] = np.inf
     plain = _write(sitk.GetImageFromArray(ramp), folder / "plain.nii")
     complex_image = sitk.GetImageFromArray((ramp + 1j * ramp).astype(np.complex64))
-    spacing = sitk.GetImageFromArray(ramp)
-    mha = folder / "zero_spacing.mha"
-    sitk.WriteImage(spacing, str(mha))
+    mha = _write(sitk.GetImageFromArray(ramp), folder / "zero_spacing.mha")
     mha.write_bytes(mha.read_bytes().replace(b"ElementSpacing = 1 1 1", b"ElementSpacing = 0 1 1"))
     truncated = folder / "truncated.nii.gz"
     truncated.write_bytes(good.read_bytes()[:2000])
@@ -244,7 +242,6 @@ def _heads(folder: Path, model: Path) -> dict[str, Path]:
                               modalities=("image_t1", "image_flair"), preprocessing=preprocessing,
                               module=subject_arguments)
     save_head(Head(classification, SubjectHead(**subject_arguments)), folder / "classification.safetensors")
-    text = (folder / "segmentation.safetensors").read_bytes()
     state = load_file(str(folder / "segmentation.safetensors"))
     card = json.loads(segmentation.to_json())
     save_file(state, str(folder / "card_not_json.safetensors"), metadata={HEAD_CARD_KEY: "{oops"})
@@ -252,7 +249,7 @@ def _heads(folder: Path, model: Path) -> dict[str, Path]:
     save_file(state, str(folder / "no_card.safetensors"))
     bigger = {k: torch.zeros(4, *v.shape[1:]) if v.shape and v.shape[0] == 3 else v for k, v in state.items()}
     save_file(bigger, str(folder / "mis_shaped.safetensors"), metadata={HEAD_CARD_KEY: json.dumps(card)})
-    (folder / "text.safetensors").write_bytes(text[:40])
+    (folder / "text.safetensors").write_bytes((folder / "segmentation.safetensors").read_bytes()[:40])
     return {name: folder / name for name in os.listdir(folder)}
 
 
@@ -267,7 +264,7 @@ def _manifests(folder: Path, images: list[str], labels: str) -> dict[str, Path]:
     def table(task: str, values: list[str], splits=("train", "train", "train", "test"),
               header: str | None = None) -> str:
         lines = [header or MANIFEST_HEADERS[task]]
-        lines += [f"{case},{split},{image},{value}" for case, split, image, value in zip("abcd", splits, images, values)]
+        lines += [",".join(row) for row in zip("abcd", splits, images, values)]
         return "\n".join(lines) + "\n"
 
     texts = {
@@ -331,11 +328,11 @@ def corpus(tmp_path_factory, teacher_checkpoint) -> Corpus:
     shutil.copy(teacher_checkpoint, model)
     corpus = Corpus(root, volume, model)
     corpus.files.update(_bad_volumes(root / "bad", volume))
-    corpus.files.update({f"checkpoint {k}": v for k, v in _checkpoints(root / "checkpoints", teacher_checkpoint).items()})
+    groups = {"checkpoint": _checkpoints(root / "checkpoints", teacher_checkpoint),
+              "head": _heads(root / "heads", model),
+              "manifest": _manifests(root / "manifests", images, "../images/labels.nii.gz")}
+    corpus.files.update({f"{group} {name}": path for group, files in groups.items() for name, path in files.items()})
     corpus.files["checkpoint missing.pth"] = root / "checkpoints" / "missing.pth"
-    corpus.files.update({f"head {k}": v for k, v in _heads(root / "heads", model).items()})
-    corpus.files.update({f"manifest {k}": v for k, v in _manifests(root / "manifests", images, "../images/labels.nii.gz")
-                         .items()})
     links = root / "links"
     links.mkdir()
     (links / "symlink.nii.gz").symlink_to(volume)
@@ -850,6 +847,6 @@ def test_a_damaged_cache_entry_is_discarded_and_recomputed(corpus, tmp_path, cap
     assert "discarded a damaged cache entry, computing it again" in caplog.text
     assert "is damaged: its tensor data do not match the checksum" in caplog.text
     from BrainDINOLib import VolumeFeatures
-    first, second = VolumeFeatures.load(tmp_path / "first.safetensors"), VolumeFeatures.load(tmp_path / "second.safetensors")
+    first, second = (VolumeFeatures.load(tmp_path / f"{name}.safetensors") for name in ("first", "second"))
     assert torch.equal(first.patches, second.patches) and torch.equal(first.cls, second.cls)
     assert VolumeFeatures.load(entry).patches.shape == first.patches.shape  # the entry was written again

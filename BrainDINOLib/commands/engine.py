@@ -76,7 +76,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     embed.add_argument("volume", help="NIfTI/NRRD/MHA file or DICOM folder")
     embed.add_argument("--out", type=Path, default=None, help="also write the features to this .safetensors file")
     embed.add_argument("--layers", type=parse_layers, default=(), help="intermediate blocks to keep, e.g. 2,5,8,11")
-    embed.add_argument("--image-size", type=int_between(1), default=None, help="model input size (default: the model's)")
+    embed.add_argument("--image-size", type=int_between(1), default=None,
+                       help="model input size (default: the model's)")
     add_model_options(embed)
     embed.set_defaults(run=run_embed)
     declare_files(embed, inputs={"volume": "file or folder"}, outputs={"out": "file"})

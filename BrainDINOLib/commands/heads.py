@@ -247,14 +247,17 @@ def register(commands: argparse._SubParsersAction) -> None:
     fit.add_argument("--report", type=Path, default=None, help="metrics and plots folder (default: <out>_report)")
     fit.add_argument("--kind", default="", choices=("", "linear", "decoder"), help="segmentation head (default linear)")
     fit.add_argument("--pooling", default="mean", choices=("mean", "attention"), help="subject pooling (default mean)")
-    fit.add_argument("--hidden", type=int_between(0), default=256, help="subject heads: MLP width; 0 = linear (default 256)")
+    fit.add_argument("--hidden", type=int_between(0), default=256,
+                     help="subject heads: MLP width; 0 = linear (default 256)")
     fit.add_argument("--layers", type=parse_layers, default=(),
                      help="segmentation: blocks to concatenate, e.g. 2,5,8,11")
     fit.add_argument("--image-size", type=int_between(1), default=None, help="model input size (default: the model's)")
     fit.add_argument("--classes", type=Path, default=None, help="segmentation: class names by label value, one a line")
-    fit.add_argument("--val-fraction", type=float_between(0.0, 0.9), default=0.2, help="validation share for early stopping (0.2)")
+    fit.add_argument("--val-fraction", type=float_between(0.0, 0.9), default=0.2,
+                     help="validation share for early stopping (0.2)")
     fit.add_argument("--folds", type=int_between(0), default=0, help="k-fold cross-validation estimate (0: none)")
-    fit.add_argument("--label-fraction", type=float_between(0.0, 1.0), default=1.0, help="train on this share of the labelled cases")
+    fit.add_argument("--label-fraction", type=float_between(0.0, 1.0), default=1.0,
+                     help="train on this share of the labelled cases")
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--epochs", type=int_between(1), default=200)
     fit.add_argument("--lr", type=float_between(0.0, 10.0), default=1e-3)

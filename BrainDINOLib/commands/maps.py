@@ -168,7 +168,8 @@ def _map_parser(commands: argparse._SubParsersAction, name: str, help_text: str,
                                                                        "written on the input's exact grid)")
     parser.add_argument("--png", type=png_path, default=None,
                         help="also write a PNG montage (axial, coronal, sagittal slices with the map overlaid)")
-    parser.add_argument("--image-size", type=int_between(1), default=None, help="model input size (default: the model's)")
+    parser.add_argument("--image-size", type=int_between(1), default=None,
+                        help="model input size (default: the model's)")
     add_model_options(parser)
     return parser
 
