@@ -30,6 +30,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+import psutil
+
 from .errors import BrainDINOError, CancelledError
 
 log = logging.getLogger(__name__)
@@ -92,7 +94,7 @@ def check_writable(target: str | Path) -> None:
         if not place.is_dir():
             raise BrainDINOError(target, _write_problem(OSError(errno.ENOTDIR, "not a folder")))
     problem = None
-    with contextlib.suppress(OSError):
+    with contextlib.suppress(OSError, AttributeError):  # no statvfs on Windows
         if os.statvfs(place).f_flag & os.ST_RDONLY:
             problem = errno.EROFS
     if problem is None and not os.access(place, os.W_OK):
@@ -125,13 +127,23 @@ def _mode_for(target: Path) -> int:
     return 0o666 & ~_umask()
 
 
-def _fsync(path: Path, directory: bool = False) -> None:
-    fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
+def _fsync(path: Path) -> None:
+    """Flush a file to disk: a full disk that the write did not report surfaces here."""
+    fd = os.open(path, os.O_RDWR)  # Windows flushes only handles open for writing
     try:
         os.fsync(fd)
-    except OSError as error:
-        if not directory or error.errno not in (errno.EINVAL, errno.EBADF):  # some systems cannot sync folders
-            raise
+    finally:
+        os.close(fd)
+
+
+def _fsync_folder(path: Path) -> None:
+    """Make a rename durable (POSIX); Windows cannot open folders for this and needs no such step."""
+    if os.name == "nt":
+        return
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        with contextlib.suppress(OSError):  # some file systems cannot sync folders; the data itself is synced
+            os.fsync(fd)
     finally:
         os.close(fd)
 
@@ -176,7 +188,7 @@ def _complete(tmp: Path, target: Path, verify: Callable[[Path], None] | None) ->
         verify(tmp)
     os.chmod(tmp, _mode_for(target))
     os.replace(tmp, target)
-    _fsync(target.parent, directory=True)
+    _fsync_folder(target.parent)
 
 
 @contextlib.contextmanager
@@ -230,16 +242,6 @@ def write_text_atomic(target: str | Path, text: str) -> None:
 
 # ---- debris of killed writers ----------------------------------------------------------------------------------
 
-def _writer_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists, but belongs to someone else
-        return True
-    return True
-
-
 def remove_stale_temp_files(folder: str | Path, older_than_s: float = STALE_TEMP_AGE_S) -> list[Path]:
     """Delete BrainDINO's temporary files under `folder` left by killed writers; return what was removed.
 
@@ -257,7 +259,7 @@ def remove_stale_temp_files(folder: str | Path, older_than_s: float = STALE_TEMP
             path = Path(root) / name
             try:
                 old = now - path.lstat().st_mtime > older_than_s
-                if old and pid_text.isdigit() and not _writer_alive(int(pid_text)):
+                if old and pid_text.isdigit() and not psutil.pid_exists(int(pid_text)):
                     path.unlink()
                     removed.append(path)
             except OSError:

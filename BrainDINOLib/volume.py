@@ -243,10 +243,10 @@ def _on_regular_slices(image: sitk.Image, positions: np.ndarray, names: list[str
     gaps = np.flatnonzero(np.abs(steps - step) > tolerance)
     count = int(round((along[-1] - along[0]) / step)) + 1
     grid = along[0] + step * np.arange(count)
-    where = "; ".join(f"{int(round(slots[i])) - 1} near {along[i] + step:.4g} mm, between {names[i]} and "
-                      f"{names[i + 1]}" for i in gaps)
-    log.warning("%s: %d slice(s) missing from the DICOM series (%s along the slice axis); resampled onto a "
-                "regular %.4g mm slice grid by linear interpolation between the neighbouring slices",
+    where = "; ".join(", ".join(f"{along[i] + step * j:.4g}" for j in range(1, int(round(slots[i])))) +
+                      f" mm (between {names[i]} and {names[i + 1]})" for i in gaps)
+    log.warning("%s: the DICOM series misses %d slice(s), at %s along the slice axis; resampled onto its regular "
+                "%.4g mm slice grid, the missing slices interpolated linearly from their neighbours",
                 folder, count - len(along), where, step)
     return _resample_slices(image, along, grid, step)
 
