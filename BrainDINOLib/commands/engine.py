@@ -38,12 +38,13 @@ def run_info(args: argparse.Namespace) -> int:
 
 
 def run_embed(args: argparse.Namespace) -> int:
+    from ..volume import read_volume
+
+    volume = read_volume(args.volume)  # a bad volume is refused before torch is imported
     from ..cache import FeatureCache
     from ..embedding import default_preprocessing, embed_volume
     from ..encoder import load_encoder
-    from ..volume import read_volume
 
-    volume = read_volume(args.volume)
     encoder = load_encoder(args.model, device=args.device)
     config = default_preprocessing(encoder)
     if args.image_size:

@@ -80,11 +80,12 @@ def _montage(volume, overlay, path: Path | None, style, title: str, mask=None, p
 
 
 def run_pca(args: argparse.Namespace) -> int:
-    from ..maps import pca_map
-    from ..montage import OverlayStyle
     from ..volume import read_volume
 
-    volume = read_volume(args.volume)
+    volume = read_volume(args.volume)  # a bad volume is refused before torch is imported
+    from ..maps import pca_map
+    from ..montage import OverlayStyle
+
     encoder, config = _load_model(args)
     features = _features(args, volume, encoder, config)
     result = pca_map(features, components=args.components, remove_background=not args.keep_background,
@@ -100,13 +101,14 @@ def run_pca(args: argparse.Namespace) -> int:
 
 
 def run_similarity(args: argparse.Namespace) -> int:
-    from ..maps import SimilarityIndex
-    from ..maps.similarity import voxel_of_point
-    from ..montage import OverlayStyle
     from ..volume import ras_to_lps, read_volume
 
     point_lps = args.point_lps if args.point_lps is not None else ras_to_lps(args.point_ras)
-    volume = read_volume(args.volume)
+    volume = read_volume(args.volume)  # a bad volume is refused before torch is imported
+    from ..maps import SimilarityIndex
+    from ..maps.similarity import voxel_of_point
+    from ..montage import OverlayStyle
+
     voxel_of_point(volume.geometry, point_lps)  # refuse a point outside the volume before the slow part
     encoder, config = _load_model(args)
     features = _features(args, volume, encoder, config)
@@ -127,12 +129,13 @@ def run_similarity(args: argparse.Namespace) -> int:
 
 
 def run_attention(args: argparse.Namespace) -> int:
+    from ..volume import read_volume
+
+    volume = read_volume(args.volume)  # a bad volume is refused before torch is imported
     from ..maps import attention_map
     from ..montage import OverlayStyle
     from ..slices import foreground_mask
-    from ..volume import read_volume
 
-    volume = read_volume(args.volume)
     encoder, config = _load_model(args)
     progress, bar = tqdm_progress("attention")
     with bar:
@@ -146,11 +149,12 @@ def run_attention(args: argparse.Namespace) -> int:
 
 
 def run_cluster(args: argparse.Namespace) -> int:
-    from ..maps import cluster_map
-    from ..montage import OverlayStyle
     from ..volume import read_volume
 
-    volume = read_volume(args.volume)
+    volume = read_volume(args.volume)  # a bad volume is refused before torch is imported
+    from ..maps import cluster_map
+    from ..montage import OverlayStyle
+
     encoder, config = _load_model(args)
     features = _features(args, volume, encoder, config)
     labels = cluster_map(features, k=args.clusters, seed=args.seed)
