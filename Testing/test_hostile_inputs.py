@@ -716,9 +716,9 @@ SUBPROCESS_CASES = {
                        "nope.nii.gz: no such file or folder"),
     "output over the input": (lambda c, out: ["cluster", c.volume, "--out", c.root / "links" / "hardlink.nii.gz"],
                               "is the same file as the input"),
-    "negative point accepted, then outside": (
-        lambda c, out: ["similarity", c.volume, "--point-ras", "-400,4,2", "--out", out / "s.nii.gz", "--model",
-                        c.model], "lies outside the volume"),
+    "negative point accepted (then the volume is missing)": (
+        lambda c, out: ["similarity", c.root / "nope.nii.gz", "--point-ras", "-24,4,2", "--out", out / "s.nii.gz"],
+        "nope.nii.gz: no such file or folder"),
     "semicolon manifest": (lambda c, out: ["fit-head", "--task", "classification", "--manifest",
                                            c["manifest semicolons"], "--out", out / "h.safetensors"],
                            "columns are separated by semicolons"),
