@@ -842,6 +842,7 @@ def test_a_damaged_cache_entry_is_discarded_and_recomputed(corpus, tmp_path, cap
     assert VolumeFeatures.load(entry).patches.shape == first.patches.shape  # the entry was written again
 
 
+@pytest.mark.slow  # about 25 s on the loaded 2-core machine: features of four volumes and a short fit
 def test_a_small_survival_cohort_is_fitted_even_when_its_test_part_cannot_be_scored(corpus, tmp_path, capsys):
     """One test subject has no one to be compared with: its C-index is undefined (NaN), not a crash after the
     head was written."""
