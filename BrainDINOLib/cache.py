@@ -11,6 +11,7 @@ Layout: `root/<key[:2]>/<key>/<policy hash>-<blocks>.safetensors`.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -19,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
+from .atomic import remove_stale_temp_files
 from .errors import BrainDINOError
 from .features import VolumeFeatures
 from .resolution import ResolutionPolicy
@@ -77,13 +79,14 @@ class FeatureCache:
         return self.folder_for(key) / f"{policy_hash}-{blocks}.safetensors"
 
     def get(self, key: str, policy: ResolutionPolicy, layers: Sequence[int] = ()) -> VolumeFeatures | None:
-        """The best entry that serves the request (see module docstring), or None."""
+        """The best entry that serves the request (see module docstring), or None. A damaged entry is a miss:
+        discarded here (with a warning) and recomputed by the caller."""
         candidates = []
         for path in sorted(self.folder_for(key).glob("*.safetensors")):
             try:
                 info = VolumeFeatures.read_metadata(path)
-            except BrainDINOError as error:  # an unreadable entry is a miss
-                log.warning("ignoring unreadable cache entry %s (%s)", path, error.problem)
+            except BrainDINOError as error:
+                self._discard(path, error)
                 continue
             if serves(info, policy, layers):
                 candidates.append((ResolutionPolicy.from_dict(info["policy"]), info["layers"], path))
@@ -91,8 +94,20 @@ class FeatureCache:
             try:
                 return VolumeFeatures.load(path)
             except BrainDINOError as error:
-                log.warning("ignoring unreadable cache entry %s (%s)", path, error.problem)
+                self._discard(path, error)
         return None
 
-    def put(self, key: str, features: VolumeFeatures) -> Path:
-        return features.save(self.path_for(key, features.policy, tuple(features.layers)))
+    @staticmethod
+    def _discard(path: Path, error: BrainDINOError) -> None:
+        log.warning("discarded a damaged cache entry, computing it again: %s: %s", path, error.problem)
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+    def put(self, key: str, features: VolumeFeatures) -> Path | None:
+        """Store `features`; a cache that cannot be written (full disk, read-only) is a warning, not a failure."""
+        remove_stale_temp_files(self.root)  # what writers killed mid-write left behind
+        try:
+            return features.save(self.path_for(key, features.policy, tuple(features.layers)))
+        except BrainDINOError as error:
+            log.warning("features not cached: %s", error)
+            return None

@@ -132,9 +132,12 @@ def _load_tensors(path: Path) -> tuple[Any, dict[str, str]]:
         mmap = path.stat().st_size >= MMAP_FROM_BYTES and zipfile.is_zipfile(path)  # torch's zip format only
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap), {}
     except pickle.UnpicklingError as error:
-        reason = str(error).splitlines()[0] if str(error) else "unsafe content"
+        # torch names the refused class or function as "GLOBAL module.name"; anything else is damaged data.
+        unsafe = re.search(r"GLOBAL ([\w.]+)", str(error))
+        if unsafe is None:
+            raise BrainDINOError(path, "not a readable PyTorch checkpoint (corrupt or truncated?)") from None
         raise BrainDINOError(path, "refused: the checkpoint holds pickled objects that are not plain tensors "
-                                   f"and loading it could run code ({reason})") from None
+                                   f"and loading it could run code ({unsafe.group(1)})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise BrainDINOError(path, f"not a readable PyTorch checkpoint (corrupt or truncated?): {reason}") from None
@@ -257,7 +260,13 @@ def read_checkpoint(source: str | Path) -> Checkpoint:
     recorded: dict[str, Any] | None = None  # an architecture the file states (our model cards and teachers)
     notes: list[str] = []
     if CARD_KEY in metadata:
-        card = ModelCard.from_json(metadata[CARD_KEY])
+        try:
+            card = ModelCard.from_json(metadata[CARD_KEY])
+            if card.architecture.family not in ("dinov2", "dinov3"):
+                raise ValueError(f"unknown architecture family {card.architecture.family!r}")
+        except (ValueError, KeyError, TypeError, AttributeError) as error:  # invalid JSON, fields, values
+            raise BrainDINOError(path, f"the model card in the file is not valid ({type(error).__name__}: "
+                                       f"{error})") from None
         kind, state = "braindino-safetensors", raw
     elif isinstance(raw, dict) and isinstance(raw.get("teacher"), dict):
         kind, state = "braindino-teacher", _strip_prefix(raw["teacher"], "backbone.")

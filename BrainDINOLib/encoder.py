@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from .architecture import Architecture, parameter_count
 from .checkpoints import Checkpoint, ModelCard, load_backbone, read_checkpoint
+from .errors import BrainDINOError
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +33,29 @@ class Tokens:
 def select_device(device: str | torch.device | None = None) -> torch.device:
     """The requested device, or the best available one: CUDA, then Apple MPS, then CPU."""
     if device not in (None, "auto"):
-        return torch.device(device)
+        return _available_device(device)
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def _available_device(name: str | torch.device) -> torch.device:
+    """`name` as a torch device, refused with one line when it is unknown or absent on this machine."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise BrainDINOError(f"device {name!r}", "is not a device name; use cuda, mps or cpu") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BrainDINOError(f"device {name!r}", "no CUDA GPU is available on this machine; use cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise BrainDINOError(f"device {name!r}", f"this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise BrainDINOError(f"device {name!r}", "Apple's MPS is not available on this machine; use cpu")
+    if device.type not in ("cuda", "mps", "cpu"):
+        raise BrainDINOError(f"device {name!r}", "is not supported; use cuda, mps or cpu")
+    return device
 
 
 def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
@@ -85,13 +103,14 @@ class Encoder:
         batch, channels, height, width = images.shape
         patch = self.patch_size
         if height % patch or width % patch:
-            raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {patch}")
+            raise BrainDINOError(f"image size {height}x{width}", f"is not a multiple of the patch size {patch}")
         if channels != self.architecture.in_chans:
-            raise ValueError(f"images have {channels} channels, the model expects {self.architecture.in_chans}")
+            raise BrainDINOError(f"images of {channels} channels", f"the model expects {self.architecture.in_chans}")
         layers = sorted(set(layers or ()))
         depth = self.architecture.depth
         if any(not 0 <= i < depth for i in layers):
-            raise ValueError(f"layer indices {layers} out of range for a {depth}-block model")
+            raise BrainDINOError(f"layers {','.join(map(str, layers))}", f"out of range for {self.model_id}, a "
+                                                                         f"{depth}-block model (use 0 to {depth - 1})")
         x = images.to(self.device)
         if layers:
             final, intermediates = self.model.forward_intermediates(x, indices=layers, norm=True, output_fmt="NLC")

@@ -13,7 +13,7 @@ class BrainDINOError(Exception):
 
     def __init__(self, source: str | Path | None, problem: str):
         self.source = str(source) if source is not None else None
-        self.problem = problem
+        self.problem = " ".join(problem.split())  # one line, whatever a library's message held
         super().__init__(f"{self.source}: {problem}" if self.source else problem)
 
 

@@ -7,6 +7,7 @@ the voxels (`map_volume`), guided by the image when the policy says so.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -26,6 +27,7 @@ from .upsample import InplaneUpsampler, cell_means, interpolate_slices, window
 from .volume import Geometry, Volume
 
 FORMAT_VERSION = 2
+CHECKSUM_KEY = "braindino_content_sha256"
 # Voxel slices whose cell maps are computed and upsampled at once (bounds memory for large volumes).
 MAP_CHUNK = 16
 
@@ -85,6 +87,26 @@ class VoxelMapping:
             raise ValueError(f"per-slice map of shape {tuple(per_slice.shape)} does not match "
                              f"{len(self.slices.slice_indices)} slices of grid {self.slices.grid}")
         return self.map_volume(lambda ks: interpolate_slices(maps, self.slices, ks), fill=fill, squeeze=squeeze)
+
+
+def content_checksum(tensors: dict[str, Tensor]) -> str:
+    """SHA-256 of the tensors' names, dtypes, shapes and bytes: a damaged features file or cache entry whose
+    header still parses is caught on reading (about 0.1 s per 150 MB)."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def verify_checksum(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
+    """Raise `BrainDINOError` unless `tensors` match the checksum stored in the file's metadata."""
+    stored = metadata.get(CHECKSUM_KEY)
+    if stored is None:
+        raise BrainDINOError(path, "has no content checksum (written by an older BrainDINO); compute it again")
+    if content_checksum(tensors) != stored:
+        raise BrainDINOError(path, "is damaged: its tensor data do not match the checksum stored with them")
 
 
 @dataclass
@@ -186,7 +208,8 @@ class VolumeFeatures:
         tensors.update({f"layer.{i}": t for i, t in self.layers.items()})
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata={"braindino_features": json.dumps(self.metadata())})
+            save_file(tensors, str(tmp), metadata={"braindino_features": json.dumps(self.metadata()),
+                                                   CHECKSUM_KEY: content_checksum(tensors)})
         return Path(path)
 
     @staticmethod
@@ -210,9 +233,11 @@ class VolumeFeatures:
         info = cls.read_metadata(path)
         try:
             with safe_open(str(path), framework="pt") as handle:
+                header = handle.metadata() or {}
                 tensors = {key: handle.get_tensor(key) for key in handle.keys()}
         except (SafetensorError, OSError) as error:
             raise BrainDINOError(path, f"not a readable features file ({error})") from None
+        verify_checksum(path, tensors, header)
         shape = tuple(info["foreground_shape"])
         foreground = np.unpackbits(tensors["foreground"].numpy(), count=int(np.prod(shape))).reshape(shape).astype(bool)
         geometry = {k: Geometry(**{f: tuple(v) for f, v in info[k].items()}) for k in ("geometry", "stored")}

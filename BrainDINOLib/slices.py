@@ -237,7 +237,7 @@ class SliceStack:
         policy = policy or ResolutionPolicy()
         if policy.image_size is not None and policy.image_size % patch_size:
             raise BrainDINOError(f"image size {policy.image_size}",
-                                 f"is not a multiple of the model's patch size {patch_size}")
+                                 f"must be a positive multiple of the model's patch size {patch_size}")
         if policy.shifts > 1 and patch_size % policy.shifts:
             raise BrainDINOError(f"{policy.shifts} shifts", f"do not divide the model's patch size {patch_size}")
         mask = foreground_mask(volume)

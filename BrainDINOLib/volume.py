@@ -15,7 +15,9 @@ from __future__ import annotations
 import contextlib
 import gzip
 import logging
+import os
 import struct
+import tempfile
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -24,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .atomic import atomic_path
+from .atomic import IncompleteWriteError, atomic_path, register_input
 from .errors import BrainDINOError
 
 log = logging.getLogger(__name__)
@@ -137,33 +139,174 @@ def _itk_reason(error: Exception) -> str:
 
 @contextlib.contextmanager
 def _quiet_itk() -> Iterator[None]:
-    """Silence ITK's own warnings on stderr while reading: problems reach the user as one BrainDINOError."""
+    """Keep ITK's own messages off stderr while it reads or writes: problems reach the user as one
+    BrainDINOError. Its warnings are switched off; what its C libraries print straight to the stderr file
+    descriptor (nifticlib's "wrote only N of M bytes", MetaIO's stream errors) is captured and logged at debug
+    level."""
     shown = sitk.ProcessObject.GetGlobalWarningDisplay()
     sitk.ProcessObject.SetGlobalWarningDisplay(False)
-    try:
-        yield
-    finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+    with tempfile.TemporaryFile() as captured:
+        saved = os.dup(2)
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+            captured.seek(0)
+            text = captured.read().decode(errors="replace").strip()
+            if text:
+                log.debug("ITK said: %s", text)
+
+
+# ---- DICOM series -------------------------------------------------------------------------------------------
+
+# Slices further from the regular grid than this (mm, or this share of the slice spacing) are irregular.
+SLICE_TOLERANCE_MM = 0.01
+SLICE_TOLERANCE_FRACTION = 0.01
+MAX_MISSING_IN_A_ROW = 3  # wider gaps are refused: interpolating across them would invent anatomy
 
 
 def _read_dicom_series(folder: Path) -> sitk.Image:
     try:
-        series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+        with _quiet_itk():
+            series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
     except RuntimeError as error:
         raise BrainDINOError(folder, f"cannot scan for DICOM: {_itk_reason(error)}") from None
     if not series:
         raise BrainDINOError(folder, "no DICOM series found in this folder")
-    files_per_series = {uid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid) for uid in series}
+    with _quiet_itk():
+        files_per_series = {uid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid) for uid in series}
     uid = max(files_per_series, key=lambda u: len(files_per_series[u]))
     if len(series) > 1:
         log.warning("%s holds %d DICOM series; using %s (%d files), the largest",
                     folder, len(series), uid, len(files_per_series[uid]))
+    files = files_per_series[uid]
+    for name in files:
+        register_input(name)
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(files_per_series[uid])
+    reader.SetFileNames(files)
+    reader.SetMetaDataDictionaryArrayUpdate(True)
     try:
-        return reader.Execute()
+        with _quiet_itk():
+            image = reader.Execute()
     except RuntimeError as error:
         raise BrainDINOError(folder, f"unreadable DICOM series: {_itk_reason(error)}") from None
+    if len(files) < 2:
+        return image
+    try:
+        positions = np.array([[float(v) for v in reader.GetMetaData(i, "0020|0032").split("\\")]
+                              for i in range(len(files))])
+    except (RuntimeError, ValueError):
+        raise BrainDINOError(folder, "DICOM slices without a readable Image Position (Patient); cannot place "
+                                     "them in space") from None
+    return _on_regular_slices(image, positions, [Path(f).name for f in files], folder)
+
+
+def _on_regular_slices(image: sitk.Image, positions: np.ndarray, names: list[str], folder: Path) -> sitk.Image:
+    """`image` if its slices lie on a regular grid; else resampled onto one (with a warning that says where),
+    or refused when no regular grid can honestly be made from it.
+
+    ITK stacks a series' slices at their average spacing, so a missing slice would silently stretch every
+    slice after it. Like Slicer's acquisition-geometry check, compare each slice's position along the slice
+    axis with a regular grid; unlike ITK, put the slices where they were acquired.
+    """
+    normal = np.asarray(image.GetDirection()).reshape(3, 3)[:, 2]
+    offsets = positions - positions[0]
+    along = offsets @ normal
+    sheared = np.linalg.norm(offsets - np.outer(along, normal), axis=1).max()
+    steps = np.diff(along)
+    step = float(np.median(steps))
+    tolerance = max(SLICE_TOLERANCE_MM, SLICE_TOLERANCE_FRACTION * abs(step))
+    if sheared > tolerance:
+        raise BrainDINOError(folder, f"the slices are shifted sideways by up to {sheared:.3g} mm along the series "
+                                     "(gantry tilt or a sheared acquisition); resample the series onto a regular "
+                                     "grid first (e.g. Slicer's acquisition geometry regularization)")
+    if (steps < tolerance).any():
+        i = int(np.argmax(steps < tolerance))
+        raise BrainDINOError(folder, f"slices {names[i]} and {names[i + 1]} lie at the same position "
+                                     f"({along[i]:.3g} mm along the slice axis): several images per position "
+                                     "(multi-echo, multi-phase or repeated slices); split the series")
+    if np.abs(steps - step).max() <= tolerance:
+        return image
+    slots = steps / step
+    if (np.abs(slots - np.round(slots)) > 0.1).any():
+        raise BrainDINOError(folder, f"the slice spacing varies from {steps.min():.3g} to {steps.max():.3g} mm "
+                                     "(not a regular series with a few missing slices); BrainDINO cannot place "
+                                     "these slices on a voxel grid")
+    if np.round(slots).max() > MAX_MISSING_IN_A_ROW + 1:
+        i = int(np.argmax(slots))
+        raise BrainDINOError(folder, f"{int(round(slots[i])) - 1} slices in a row are missing between {names[i]} "
+                                     f"and {names[i + 1]} (a {steps[i]:.4g} mm gap in a {step:.4g} mm series); "
+                                     f"too many to interpolate (at most {MAX_MISSING_IN_A_ROW})")
+    gaps = np.flatnonzero(np.abs(steps - step) > tolerance)
+    count = int(round((along[-1] - along[0]) / step)) + 1
+    grid = along[0] + step * np.arange(count)
+    where = "; ".join(", ".join(f"{along[i] + step * j:.4g}" for j in range(1, int(round(slots[i])))) +
+                      f" mm (between {names[i]} and {names[i + 1]})" for i in gaps)
+    log.warning("%s: the DICOM series misses %d slice(s), at %s along the slice axis; resampled onto its regular "
+                "%.4g mm slice grid, the missing slices interpolated linearly from their neighbours",
+                folder, count - len(along), where, step)
+    return _resample_slices(image, along, grid, step)
+
+
+def _resample_slices(image: sitk.Image, along: np.ndarray, grid: np.ndarray, step: float) -> sitk.Image:
+    """Linear interpolation of the slices of `image` (at positions `along`) onto the regular positions `grid`."""
+    array = sitk.GetArrayFromImage(image).astype(np.float32)  # [slice, row, column]
+    below = np.clip(np.searchsorted(along, grid, side="right") - 1, 0, len(along) - 2)
+    weight = ((grid - along[below]) / (along[below + 1] - along[below])).astype(np.float32)
+    shape = (-1,) + (1,) * (array.ndim - 1)
+    resampled = array[below] * (1 - weight.reshape(shape)) + array[below + 1] * weight.reshape(shape)
+    out = sitk.GetImageFromArray(resampled, isVector=image.GetNumberOfComponentsPerPixel() > 1)
+    out.SetSpacing((*image.GetSpacing()[:2], step))
+    out.SetOrigin(image.GetOrigin())
+    out.SetDirection(image.GetDirection())
+    return out
+
+
+# ---- NIfTI header and voxel checks --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _NiftiHeader:
+    """The fields of a NIfTI-1 or NIfTI-2 header that ITK reads too leniently."""
+
+    byte_order: str
+    dims: tuple[int, ...]  # sizes of the used dimensions
+    datatype: int
+    bitpix: int
+    pixdim: tuple[float, ...]  # voxel size of each used dimension
+    vox_offset: int
+
+    @classmethod
+    def parse(cls, data: bytes, path: Path) -> _NiftiHeader:
+        for order in "<>":
+            if len(data) >= 4 and struct.unpack(order + "i", data[:4])[0] in (348, 540):
+                break
+        else:
+            raise BrainDINOError(path, "not a NIfTI file (bad header size)")
+        if struct.unpack(order + "i", data[:4])[0] == 348:
+            dims = struct.unpack(order + "8h", data[40:56])
+            datatype, bitpix = struct.unpack(order + "2h", data[70:74])
+            pixdim = struct.unpack(order + "8f", data[76:108])
+            offset = int(struct.unpack(order + "f", data[108:112])[0])
+        else:
+            datatype, bitpix = struct.unpack(order + "2h", data[12:16])
+            dims = struct.unpack(order + "8q", data[16:80])
+            pixdim = struct.unpack(order + "8d", data[104:168])
+            offset = struct.unpack(order + "q", data[168:176])[0]
+        used = max(0, min(int(dims[0]), 7))
+        return cls(order, tuple(int(d) for d in dims[1:1 + used]), datatype, bitpix, tuple(pixdim[1:1 + used]),
+                   offset)
+
+    @property
+    def data_bytes(self) -> int:
+        return int(np.prod([max(1, d) for d in self.dims], dtype=np.int64)) * self.bitpix // 8
+
+
+# NIfTI datatype codes of floating-point and complex voxels (nifti1.h).
+NIFTI_FLOAT_DTYPES = {16: "f4", 64: "f8"}
+NIFTI_COMPLEX = {32: "complex64", 1792: "complex128", 2048: "complex256"}
 
 
 def _nifti_bytes(path: Path) -> tuple[bytes, bool]:
@@ -180,44 +323,60 @@ def _nifti_bytes(path: Path) -> tuple[bytes, bool]:
     return b"".join(chunks), complete
 
 
-def _check_nifti_complete(path: Path) -> None:
+def _check_nifti_complete(path: Path) -> tuple[_NiftiHeader, bytes]:
     """ITK zero-fills a truncated NIfTI without complaint; refuse one whose voxel data is cut short."""
     data, complete = _nifti_bytes(path)
     if not complete:
         raise BrainDINOError(path, "truncated or corrupt gzip stream")
-    for order in "<>":
-        if len(data) >= 4 and struct.unpack(order + "i", data[:4])[0] in (348, 540):
-            break
-    else:
-        raise BrainDINOError(path, "not a NIfTI file (bad header size)")
-    if struct.unpack(order + "i", data[:4])[0] == 348:
-        dims = struct.unpack(order + "8h", data[40:56])
-        bitpix = struct.unpack(order + "h", data[72:74])[0]
-        offset = int(struct.unpack(order + "f", data[108:112])[0])
-    else:
-        bitpix = struct.unpack(order + "h", data[14:16])[0]
-        dims = struct.unpack(order + "8q", data[16:80])
-        offset = struct.unpack(order + "q", data[168:176])[0]
-    expected = offset + int(np.prod([max(1, d) for d in dims[1:1 + dims[0]]], dtype=np.int64)) * bitpix // 8
+    header = _NiftiHeader.parse(data, path)
+    expected = header.vox_offset + header.data_bytes
     if len(data) < expected:
         raise BrainDINOError(path, f"truncated: {len(data)} bytes of voxel data and header, {expected} expected")
+    return header, data
 
+
+def _check_nifti(path: Path) -> None:
+    """What ITK does not tell: truncation, a voxel size of 0, NaN or below 0 (read as 1 mm), complex voxels, and
+    NaN or infinite voxels (read as 0)."""
+    header, data = _check_nifti_complete(path)
+    spatial = header.pixdim[:3]
+    if not all(np.isfinite(v) and v > 0 for v in spatial):
+        shown = " x ".join(f"{v:g}" for v in spatial)
+        raise BrainDINOError(path, f"voxel size in the header is {shown} mm; every voxel size must be a positive "
+                                   "number")
+    if header.datatype in NIFTI_COMPLEX:
+        raise BrainDINOError(path, f"has complex voxels ({NIFTI_COMPLEX[header.datatype]}: raw k-space or phase "
+                                   "data?); BrainDINO needs a magnitude image")
+    if header.datatype in NIFTI_FLOAT_DTYPES:
+        dtype = np.dtype(NIFTI_FLOAT_DTYPES[header.datatype]).newbyteorder(header.byte_order)
+        voxels = np.frombuffer(data, dtype, count=header.data_bytes // dtype.itemsize, offset=header.vox_offset)
+        bad = voxels.size - int(np.isfinite(voxels).sum())
+        if bad:
+            raise BrainDINOError(path, f"contains {bad} NaN or infinite voxels")
+
+
+# ---- reading ---------------------------------------------------------------------------------------------------
 
 def _read_image(path: Path) -> sitk.Image:
     if not path.exists():
         raise BrainDINOError(path, "no such file or folder")
     if path.is_dir():
         return _read_dicom_series(path)
+    register_input(path)
     if path.name.endswith((".nii", ".nii.gz")):
-        _check_nifti_complete(path)
+        _check_nifti(path)
     try:
-        return sitk.ReadImage(str(path))
+        with _quiet_itk():
+            return sitk.ReadImage(str(path))
     except RuntimeError as error:
         raise BrainDINOError(path, f"cannot read as an image ({_itk_reason(error)})") from None
 
 
 def _to_3d(image: sitk.Image, path: Path, frame: int) -> sitk.Image:
-    """Accept 3-D scalar images; take one frame of a 4-D series; refuse 2-D and multi-component images."""
+    """Accept 3-D scalar images; take one frame of a 4-D series; refuse 2-D, complex and multi-component images."""
+    if "complex" in image.GetPixelIDTypeAsString():
+        raise BrainDINOError(path, f"has complex voxels ({image.GetPixelIDTypeAsString()}: raw k-space or phase "
+                                   "data?); BrainDINO needs a magnitude image")
     if image.GetNumberOfComponentsPerPixel() > 1:
         raise BrainDINOError(path, f"has {image.GetNumberOfComponentsPerPixel()} components per voxel "
                                    "(RGB or vector data); BrainDINO needs a grayscale MRI volume")
@@ -232,18 +391,24 @@ def _to_3d(image: sitk.Image, path: Path, frame: int) -> sitk.Image:
         raise BrainDINOError(path, f"is a {image.GetDimension()}-D image; BrainDINO needs a 3-D volume")
     if min(image.GetSize()) < 2:
         raise BrainDINOError(path, f"is a single slice (size {image.GetSize()}); BrainDINO needs a 3-D volume")
+    spacing = image.GetSpacing()
+    if not all(np.isfinite(v) and v > 0 for v in spacing):
+        raise BrainDINOError(path, f"voxel size {' x '.join(f'{v:g}' for v in spacing)} mm; every voxel size "
+                                   "must be a positive number")
     return image
 
 
 def read_volume(path: str | Path, frame: int = 0) -> Volume:
     """Read a NIfTI/NRRD/MHA/MHD file or a DICOM series folder as a float32 canonical `Volume`.
 
-    Raises `BrainDINOError` (one line: the file and the problem) for missing, corrupt, 2-D, vector,
-    non-finite or constant inputs. For a 4-D series, volume `frame` is used (and logged).
+    Raises `BrainDINOError` (one line: the file and the problem) for missing, corrupt, truncated, 2-D, vector,
+    complex, non-finite or constant inputs and for voxel sizes that are not positive numbers. A DICOM series
+    with a few missing slices is resampled onto a regular slice grid, with a warning naming where. For a 4-D
+    series, volume `frame` is used (and logged). The file is registered as an input: no output of this
+    process may replace it (see `atomic.register_input`).
     """
     path = Path(path)
-    with _quiet_itk():
-        image = _to_3d(_read_image(path), path, frame)
+    image = _to_3d(_read_image(path), path, frame)
     volume = Volume.from_image(sitk.Cast(image, sitk.sitkFloat32), source=str(path))
     array = volume.array
     finite = np.isfinite(array)
@@ -256,24 +421,46 @@ def read_volume(path: str | Path, frame: int = 0) -> Volume:
 
 
 def read_label_volume(path: str | Path) -> Volume:
-    """Read a label volume (whole numbers, 0 = background) as a canonical int64 `Volume`.
-
-    Unlike `read_volume`, an empty (all-zero) label volume is not an error here; its caller decides."""
+    """Read a label volume (whole numbers, 0 = background) as a canonical int64 `Volume`, with the same checks
+    of the file as `read_volume`; an empty (all-zero) label volume is not an error here: its caller decides."""
     path = Path(path)
-    with _quiet_itk():
-        image = _to_3d(_read_image(path), path, 0)
-    volume = Volume.from_image(image, source=str(path))
+    volume = Volume.from_image(_to_3d(_read_image(path), path, 0), source=str(path))
     array = volume.array
     if not np.issubdtype(array.dtype, np.integer) and (not np.isfinite(array).all() or (array != np.round(array)).any()):
         raise BrainDINOError(path, "is not a label volume (its values are not whole numbers)")
     return volume.with_array(array.astype(np.int64))
 
 
+# ---- writing ---------------------------------------------------------------------------------------------------
+
+def _verify_written(path: Path) -> None:
+    """Read a freshly written volume back: a full disk leaves a short file that ITK itself may not notice."""
+    try:
+        with _quiet_itk():
+            if path.name.endswith((".nii", ".nii.gz")):
+                _check_nifti_complete(path)
+            else:
+                sitk.ReadImage(str(path))
+    except BrainDINOError as error:
+        raise IncompleteWriteError(error.problem) from None
+    except RuntimeError as error:
+        raise IncompleteWriteError(_itk_reason(error)) from None
+
+
 def write_volume(volume: Volume, path: str | Path) -> Path:
-    """Write `volume` atomically on the grid of the file it came from (NIfTI, NRRD, MHA: by suffix)."""
+    """Write `volume` atomically on the grid of the file it came from (NIfTI, NRRD, MHA: by suffix).
+
+    The file is read back before it is renamed into place; a write that did not complete (full disk) raises
+    `BrainDINOError` and leaves nothing at `path`, as does a `path` that is one of the inputs.
+    """
     path = Path(path)
     if not str(path).endswith(WRITABLE_SUFFIXES):
         raise BrainDINOError(path, f"unknown output format; use one of {', '.join(WRITABLE_SUFFIXES)}")
-    with atomic_path(path) as tmp:
-        sitk.WriteImage(volume.to_stored_image(), str(tmp), useCompression=True)
+    with atomic_path(path, verify=_verify_written) as tmp:
+        image = volume.to_stored_image()
+        with _quiet_itk():
+            try:
+                sitk.WriteImage(image, str(tmp), useCompression=True)
+            except RuntimeError as error:
+                raise IncompleteWriteError(_itk_reason(error)) from None
     return path

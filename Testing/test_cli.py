@@ -55,3 +55,14 @@ def test_embed_writes_features(tmp_path, teacher_checkpoint, capsys):
     features = VolumeFeatures.load(out)
     assert features.grid == (7, 7) and set(features.layers) == {0, 2}
     assert features.source == str(SAMPLE_T1)
+
+
+def test_help_and_a_missing_file_need_none_of_the_heavy_libraries():
+    """`braindino --help` and a mistyped path answer at once: nothing imports torch, timm, scipy, scikit-learn,
+    MONAI or SimpleITK on the way (the speed figures are in the README)."""
+    script = ("import sys\nfrom BrainDINOLib.cli import build_parser, main\nbuild_parser()\n"
+              "code = main(['embed', 'no/such/volume.nii.gz'])\n"
+              "print(code, sorted({'torch', 'timm', 'scipy', 'sklearn', 'monai', 'SimpleITK'} & set(sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.stdout.strip() == "2 []", result.stderr
+    assert result.stderr.strip() == "braindino: error: no/such/volume.nii.gz: no such file or folder"

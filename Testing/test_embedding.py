@@ -180,7 +180,7 @@ def test_volume_without_a_head_and_bad_policies_are_refused(fixture_encoder, sma
     speck[40, 50, 45] = 1000.0
     with pytest.raises(BrainDINOError, match="no usable foreground: only 1 voxels"):
         embed_volume(small_volume.with_array(speck), fixture_encoder, policy=SMALL)
-    with pytest.raises(BrainDINOError, match="image size 100: is not a multiple of the model's patch size 16"):
+    with pytest.raises(BrainDINOError, match="image size 100: must be a positive multiple of the model's patch size 16"):
         embed_volume(small_volume, fixture_encoder, policy=ResolutionPolicy(image_size=100))
     for bad, message in (({"patch_mm": 0.0}, "positive number of millimetres"),
                          ({"patch_mm": 4.0, "shifts": 0}, "at least 1"),

@@ -76,13 +76,14 @@ def test_evaluate_command_and_bad_inputs(fitted, capsys):
         assert main(["evaluate", str(root / "tissue.safetensors"), "--manifest", str(root / "cases" / "cases.csv"),
                      "--report", str(root / "eval"), *model]) == 0
     assert json.loads((root / "eval" / "metrics.json").read_text())["cases"] == 2
-    assert main(["predict", str(root / "cases" / "cases.csv"), "x.nii.gz", *model]) == 2
+    volume = str(next((root / "cases").glob("*_T1.nii.gz")))
+    assert main(["predict", str(root / "cases" / "cases.csv"), volume, *model]) == 2
     assert "not a readable head file" in capsys.readouterr().err
     other = root / "other.pth"
     import torch
     state = torch.load(model[1], weights_only=True)
     state["iteration"] = 1  # same weights, different file -> a different encoder id
     torch.save(state, other)
-    assert main(["segment", str(root / "tissue.safetensors"), "x.nii.gz", "--out", str(root / "x.nii.gz"),
+    assert main(["segment", str(root / "tissue.safetensors"), volume, "--out", str(root / "x.nii.gz"),
                  "--model", str(other), "--device", "cpu", "--no-cache"]) == 2
     assert "was fitted on" in capsys.readouterr().err

@@ -124,6 +124,6 @@ def test_bad_manifests_are_named(cohorts, fixture_encoder, cache, tmp_path):
     with pytest.raises(BrainDINOError, match="no such manifest"):
         Manifest.read(missing)
     bad = tmp_path / "bad.csv"
-    bad.write_text("image,target\nnowhere.nii.gz,3\n")
+    bad.write_text("image,target\nnowhere.nii.gz,3\nelsewhere.nii.gz,4\n")
     with pytest.raises(BrainDINOError, match="nowhere.nii.gz"):
         fit_and_test(bad, fixture_encoder, cache, task="regression")

@@ -19,8 +19,10 @@ def downsampled(path: Path, spacing_mm: float = 2.0, interpolator: int = sitk.si
                          [spacing_mm] * 3, image.GetDirection(), 0, image.GetPixelID() if pixel is None else pixel)
 
 
-def write_dicom_series(image: sitk.Image, folder: Path, orientation: str) -> Path:
-    """Store `image` as an MR DICOM series whose slices follow `orientation` (e.g. "LPS" axial, "PIL" sagittal)."""
+def write_dicom_series(image: sitk.Image, folder: Path, orientation: str,
+                       shift_mm: dict[int, tuple[float, float, float]] | None = None) -> Path:
+    """Store `image` as an MR DICOM series whose slices follow `orientation` (e.g. "LPS" axial, "PIL" sagittal).
+    `shift_mm` moves the stored position of slice k by an LPS offset (for series with irregular geometry)."""
     folder.mkdir(parents=True, exist_ok=True)
     oriented = sitk.Cast(sitk.DICOMOrient(image, orientation), sitk.sitkInt16)
     direction = oriented.GetDirection()
@@ -29,7 +31,7 @@ def write_dicom_series(image: sitk.Image, folder: Path, orientation: str) -> Pat
     writer.KeepOriginalImageUIDOn()
     for k in range(oriented.GetDepth()):
         plane = oriented[:, :, k]
-        position = oriented.TransformIndexToPhysicalPoint((0, 0, k))
+        position = np.add(oriented.TransformIndexToPhysicalPoint((0, 0, k)), (shift_mm or {}).get(k, (0, 0, 0)))
         tags = {
             "0008|0060": "MR",
             "0020|000d": series_uid + ".0",

@@ -1,27 +1,60 @@
 """Pieces every subcommand shares: model and resolution options, the feature session, layer lists, a tqdm
-progress callback."""
+progress callback, and the check of input and output paths that runs before any command does slow work."""
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
-from dataclasses import replace
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from tqdm import tqdm
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 RESOLUTION_PRESETS = ("legacy", "cpu", "mps", "cuda", "fine")  # names of resolution.PRESETS (kept light: no torch)
 
 
 def tqdm_progress(description: str, unit: str = "slice") -> tuple[Callable[[int, int], None], tqdm]:
-    """A progress callback for the engine that drives a tqdm bar on stderr (use the bar as a context)."""
-    bar = tqdm(desc=description, unit=unit, leave=False, dynamic_ncols=True)
+    """A progress callback for the engine that drives a tqdm bar on stderr (use the bar as a context).
+
+    The bar is drawn only on a terminal and only after a second of work, and it is erased when it closes
+    (also on an error), so an error message stays the one line on stderr."""
+    from tqdm import tqdm
+
+    bar = tqdm(desc=description, unit=unit, leave=False, dynamic_ncols=True, disable=None, delay=1.0)
 
     def update(done: int, total: int) -> None:
         bar.total = total
-        bar.n = done
-        bar.refresh()
+        bar.update(done - bar.n)
 
     return update, bar
+
+
+def int_between(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high] (no upper bound when `high` is None)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low or (high is not None and value > high):
+            bounds = f"from {low} to {high}" if high is not None else f"of at least {low}"
+            raise argparse.ArgumentTypeError(f"expected an integer {bounds}, got {text!r}")
+        return value
+    return parse
+
+
+def float_between(low: float, high: float) -> Callable[[str], float]:
+    """An argparse type: a number in [low, high] (NaN and infinities refused)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected a number from {low:g} to {high:g}, got {text!r}")
+        return value
+    return parse
 
 
 def parse_layers(text: str) -> tuple[int, ...]:
@@ -31,22 +64,13 @@ def parse_layers(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated block indices, got {text!r}") from None
 
 
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
-
-
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     """Options shared by every command that embeds volumes: the model, where it runs, the feature cache, and
     the resolution (see `BrainDINOLib.resolution`)."""
     parser.add_argument("--model", default="demo", help="checkpoint file or built-in model name (default: demo)")
     parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
-    parser.add_argument("--batch-size", type=int, default=None, help="slices per batch (default: from free memory)")
+    parser.add_argument("--batch-size", type=int_between(1), default=None,
+                        help="slices per batch (default: from free memory)")
     parser.add_argument("--no-cache", action="store_true", help="neither read nor write the feature cache")
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="feature cache folder (default: $BRAINDINO_CACHE or ~/.cache/braindino)")
@@ -55,16 +79,16 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                             help="named setting: cpu (6 mm), mps (4 mm), cuda or fine (3 mm), legacy (224 px, every "
                                  "slice, bilinear: the behaviour before version 0.2)")
     size = resolution.add_mutually_exclusive_group()
-    size.add_argument("--patch-mm", type=positive_float, default=None, metavar="MM",
+    size.add_argument("--patch-mm", type=float_between(0.1, 100.0), default=None, metavar="MM",
                       help="in-plane size of one patch in mm; the model input size follows from the head's size")
-    size.add_argument("--image-size", type=int, default=None, metavar="PX",
+    size.add_argument("--image-size", type=int_between(1), default=None, metavar="PX",
                       help="fixed model input size in pixels instead of --patch-mm (every slice unless "
                            "--slice-step-mm)")
-    resolution.add_argument("--slice-step-mm", type=float, default=None, metavar="MM",
+    resolution.add_argument("--slice-step-mm", type=float_between(0.0, 100.0), default=None, metavar="MM",
                             help="distance between embedded axial slices (default: the patch size; 0: every slice)")
     resolution.add_argument("--upsampling", choices=("guided", "bilinear"), default=None,
                             help="from patches to voxels: guided by the image (default) or bilinear")
-    resolution.add_argument("--shifts", type=int, default=None, metavar="N",
+    resolution.add_argument("--shifts", type=int_between(1, 8), default=None, metavar="N",
                             help="embed each slice N x N times shifted by 1/N patch: an N times finer grid for N^2 "
                                  "the time (for GPUs)")
 
@@ -96,3 +120,56 @@ def open_session(args: argparse.Namespace):
                                          args.batch_size)
     print(f"features: {session.describe()}", flush=True)
     return session
+
+
+@dataclass(frozen=True)
+class FileArguments:
+    """Which arguments of a command name files. `inputs`: argument -> what it is (for "no such <what>"); they
+    must exist. `outputs`: argument -> "file", "folder" or "file or folder"; they must be writable, of that
+    kind where they exist, and never resolve to an input. `--model`, when it is a file, counts as an input."""
+
+    inputs: dict[str, str] = field(default_factory=dict)
+    outputs: dict[str, str] = field(default_factory=dict)
+
+
+def declare_files(parser: argparse.ArgumentParser, inputs: dict[str, str] | None = None,
+                  outputs: dict[str, str] | None = None) -> None:
+    parser.set_defaults(files=FileArguments(dict(inputs or {}), dict(outputs or {})))
+
+
+def _values(args: argparse.Namespace, name: str) -> list[Path]:
+    value = getattr(args, name, None)
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return [Path(v) for v in values if v is not None and str(v) != ""]
+
+
+def input_paths(args: argparse.Namespace) -> list[Path]:
+    """The command's input files (and `--model` when it is a file), checked to exist."""
+    from ..errors import BrainDINOError
+
+    declared: FileArguments = getattr(args, "files", FileArguments())
+    paths = []
+    for name, what in declared.inputs.items():
+        for path in _values(args, name):
+            if not path.exists():
+                raise BrainDINOError(path, f"no such {what}")
+            paths.append(path)
+    return paths + [path for path in _values(args, "model") if path.is_file()]
+
+
+def check_files(args: argparse.Namespace) -> None:
+    """Before any work: every input exists, and every output can be written without replacing an input (same
+    path, symlink or hard link), a folder where a file belongs, or a file where a folder belongs."""
+    from ..atomic import check_writable, refuse_output_over_input
+    from ..errors import BrainDINOError
+
+    declared: FileArguments = getattr(args, "files", FileArguments())
+    inputs = input_paths(args)
+    for name, kind in declared.outputs.items():
+        for path in _values(args, name):
+            if kind == "file" and path.is_dir():
+                raise BrainDINOError(path, "is a folder; give a file name for this output")
+            if kind == "folder" and path.exists() and not path.is_dir():
+                raise BrainDINOError(path, "exists and is not a folder; give a folder for this output")
+            refuse_output_over_input([path], inputs)
+            check_writable(path)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import add_model_options, feature_cache, policy_from_args
+from .common import add_model_options, declare_files, feature_cache, int_between, policy_from_args
 
 
 def run_demo_command(args: argparse.Namespace) -> int:
@@ -45,8 +45,9 @@ def register(commands: argparse._SubParsersAction) -> None:
                                            "and one report picture, and prints how long each step took. Runs on the CPU unless "
                                            "--device is given.")
     demo.add_argument("--out", type=Path, required=True, help="output folder")
-    demo.add_argument("--clusters", type=int, default=8, help="k-means regions (default 8)")
-    demo.add_argument("--labelled-slices", type=int, default=5,
+    demo.add_argument("--clusters", type=int_between(1, 255), default=8, help="k-means regions (default 8)")
+    demo.add_argument("--labelled-slices", type=int_between(1), default=5,
                       help="axial slices the few-shot head learns from (default 5)")
     add_model_options(demo)
     demo.set_defaults(run=run_demo_command)
+    declare_files(demo, outputs={"out": "folder"})

@@ -6,7 +6,7 @@ import json
 import time
 from pathlib import Path
 
-from .common import add_model_options, open_session, parse_layers, tqdm_progress
+from .common import add_model_options, declare_files, open_session, parse_layers, tqdm_progress
 
 
 def run_info(args: argparse.Namespace) -> int:
@@ -44,7 +44,7 @@ def run_info(args: argparse.Namespace) -> int:
 def run_embed(args: argparse.Namespace) -> int:
     from ..volume import read_volume
 
-    volume = read_volume(args.volume)
+    volume = read_volume(args.volume)  # a bad volume is refused before torch is imported
     session = open_session(args)
     layers = session.segmentation_layers if args.layers is None else args.layers
     progress, bar = tqdm_progress("embedding")
@@ -74,3 +74,4 @@ def register(commands: argparse._SubParsersAction) -> None:
                             "'' for none)")
     add_model_options(embed)
     embed.set_defaults(run=run_embed)
+    declare_files(embed, inputs={"volume": "file or folder"}, outputs={"out": "file"})

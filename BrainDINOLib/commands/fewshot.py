@@ -5,22 +5,23 @@ import argparse
 import time
 from pathlib import Path
 
-from .common import add_model_options, open_session, tqdm_progress
+from .common import add_model_options, declare_files, open_session, tqdm_progress
 from .maps import output_path, png_path
 
 
 def run_few_shot(args: argparse.Namespace) -> int:
-    from ..atomic import write_text_atomic
     from ..errors import BrainDINOError
-    from ..heads import save_head
-    from ..heads.painted import find_label_table, learn_from_painted, painted_labels, read_label_table
     from ..volume import read_label_volume, read_volume, write_volume
 
-    volume = read_volume(args.volume)
+    volume = read_volume(args.volume)  # bad inputs are refused before torch is imported
     labels = read_label_volume(args.labels)
     if labels.shape != volume.shape or labels.geometry != volume.geometry:
         raise BrainDINOError(args.labels, f"is not on the grid of {args.volume} (size {labels.geometry.size} vs "
                                           f"{volume.geometry.size}, or spacing, origin or direction differ)")
+    from ..atomic import write_text_atomic
+    from ..heads import save_head
+    from ..heads.painted import find_label_table, learn_from_painted, painted_labels, read_label_table
+
     table = args.names or find_label_table(args.labels)
     classes = read_label_table(table) if table else ()
     painted = painted_labels(labels, classes, source=args.labels)
@@ -68,3 +69,5 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--cleanup", action="store_true", help="keep each label's largest connected component")
     add_model_options(parser)
     parser.set_defaults(run=run_few_shot)
+    declare_files(parser, inputs={"volume": "file or folder", "labels": "label file", "names": "label table"},
+                  outputs={"out": "file", "png": "file", "head": "file"})

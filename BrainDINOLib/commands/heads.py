@@ -6,9 +6,19 @@ import json
 import time
 from pathlib import Path
 
-from .common import add_model_options, open_session, parse_layers, tqdm_progress
+from ..errors import BrainDINOError
+from .common import (add_model_options, declare_files, float_between, int_between, open_session, parse_layers,
+                     tqdm_progress)
 
 TASK_CHOICES = ("segmentation", "classification", "regression", "survival", "knn")
+REPORT_MARKERS = ("metrics.json", "fit_metrics.json")  # what makes a folder an earlier BrainDINO report
+
+
+def head_path(text: str) -> Path:
+    """A head file to write: checked before fitting, not after."""
+    if not text.endswith(".safetensors"):
+        raise argparse.ArgumentTypeError(f"{text}: a head is saved as a .safetensors file")
+    return Path(text)
 
 
 def _comma_list(text: str) -> tuple[str, ...]:
@@ -24,15 +34,15 @@ FIT_OPTIONS = ("kind", "pooling", "hidden", "layers", "image_columns", "label_co
 
 def _fit_config(args: argparse.Namespace, task: str):
     """A `FitConfig` from the options this command has: manifest columns, and fitting options for fit-head."""
-    from ..errors import BrainDINOError
     from ..heads import FitConfig, TrainConfig
+    from ..manifest import read_utf8
 
     options = vars(args)
     class_names = None
     if options.get("classes"):
         if not args.classes.is_file():
             raise BrainDINOError(args.classes, "no such class-name file")
-        class_names = [line.strip() for line in args.classes.read_text().splitlines() if line.strip()]
+        class_names = [line.strip() for line in read_utf8(args.classes).splitlines() if line.strip()]
     training = TrainConfig(**{field: options[option] for option, field in TRAINING_OPTIONS.items()
                               if option in options})
     return FitConfig(task=task, class_names=class_names, training=training,
@@ -44,44 +54,80 @@ def _print_scalars(title: str, metrics: dict) -> None:
     print(f"{title}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in scalars.items()))
 
 
+def _report_folder(path: Path) -> Path:
+    """A folder for a report: new, empty, or an earlier BrainDINO report (whose files are replaced). A folder of
+    other files is refused, so that a report never lands among (or over) unrelated files."""
+
+    if path.exists() and not path.is_dir():
+        raise BrainDINOError(path, "exists and is not a folder; give a folder for the report")
+    if path.is_dir() and any(path.iterdir()) and not any((path / name).is_file() for name in REPORT_MARKERS):
+        raise BrainDINOError(path, "is a folder of other files, not an earlier BrainDINO report; give a new or "
+                                   "empty folder for the report")
+    return path
+
+
+def _manifest_inputs(manifest, outputs: list[Path]) -> None:
+    """Refuse outputs that would replace an image, label volume or other file named in the manifest."""
+    from ..atomic import refuse_output_over_input
+
+    listed = [manifest.resolve(value) for row in manifest.rows for value in row.values() if value]
+    refuse_output_over_input(outputs, [manifest.path, *[path for path in listed if path.is_file()]])
+
+
 def run_fit_head(args: argparse.Namespace) -> int:
-    from ..heads import Manifest, evaluate, fit_head, save_head, write_report
-    from ..heads.evaluation import Evaluation
+    """Check everything cheap first; write the head and its report only once fitting and testing succeeded."""
+    from ..manifest import Manifest
 
     manifest = Manifest.read(args.manifest)
-    session = open_session(args)
+    report = _report_folder(args.report or args.out.with_name(args.out.name.split(".")[0] + "_report"))
+    _manifest_inputs(manifest, [args.out, report])
+
+    from ..heads import evaluate, fit_head, save_head, write_report
+    from ..heads.evaluation import Evaluation
+    from ..heads.fitting import check_manifest
+
     config = _fit_config(args, args.task)
-    report = args.report or args.out.with_name(args.out.name.split(".")[0] + "_report")
+    check_manifest(manifest, config)  # before the model is loaded
+    session = open_session(args)
     started = time.perf_counter()
     progress, bar = tqdm_progress("features", unit="case")
     with bar:
         result = fit_head(manifest, session, config, progress=progress)
+    seconds = time.perf_counter() - started
+    test = None
+    if manifest.select("test") and "split" in manifest.columns:
+        test = evaluate(result.head, manifest, session, split="test", columns=config)
     save_head(result.head, args.out)
-    print(f"fitted a {args.task} head in {time.perf_counter() - started:.1f} s; wrote {args.out}")
-    fit_metrics = Evaluation(result.metrics, [])
-    write_report(report, fit_metrics, result.head, result.history, stem="fit_metrics")
+    print(f"fitted a {args.task} head in {seconds:.1f} s; wrote {args.out}")
+    write_report(report, Evaluation(result.metrics, []), result.head, result.history, stem="fit_metrics")
     for part in ("validation", "cross_validation"):
         if part in result.metrics:
             _print_scalars(part, result.metrics[part])
-    if manifest.select("test") and "split" in manifest.columns:
-        evaluation = evaluate(result.head, manifest, session, split="test", columns=config)
-        write_report(report, evaluation, result.head)
-        _print_scalars("test", evaluation.metrics)
+    if test is not None:
+        write_report(report, test, result.head)
+        _print_scalars("test", test.metrics)
     print(f"report in {report}")
     return 0
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from ..heads import Manifest, evaluate, load_head, write_report
+    from ..manifest import Manifest
+
+    manifest = Manifest.read(args.manifest)
+    report = _report_folder(args.report)
+    _manifest_inputs(manifest, [report])
+
+    from ..heads import evaluate, load_head, write_report
+    from ..heads.evaluation import evaluation_rows
 
     head = load_head(args.head)
-    manifest = Manifest.read(args.manifest)
+    split, columns = None if args.split == "all" else args.split, _fit_config(args, head.card.task)
+    evaluation_rows(head, manifest, split, columns)  # before the model is loaded
     session = open_session(args)
     progress, bar = tqdm_progress("cases", unit="case")
     with bar:
-        evaluation = evaluate(head, manifest, session, split=None if args.split == "all" else args.split,
-                              columns=_fit_config(args, head.card.task), progress=progress)
-    written = write_report(args.report, evaluation, head)
+        evaluation = evaluate(head, manifest, session, split=split, columns=columns, progress=progress)
+    written = write_report(report, evaluation, head)
     _print_scalars(f"{head.card.task} ({evaluation.metrics.get('subjects', evaluation.metrics.get('cases'))} cases)",
                    evaluation.metrics)
     print(f"wrote {', '.join(str(p) for p in written)}")
@@ -95,7 +141,6 @@ def _head_features(args: argparse.Namespace, head):
 
 
 def _segmentation_output(out: Path | None, volume: str, many: bool) -> Path:
-    from ..errors import BrainDINOError
     if out is None:
         raise BrainDINOError(volume, "a segmentation head writes label volumes: give --out")
     if not many:
@@ -108,6 +153,10 @@ def run_predict(args: argparse.Namespace) -> int:
     from ..volume import write_volume
 
     head = load_head(args.head)
+    modalities = max(1, len(head.card.modalities))
+    if head.card.task != "segmentation" and len(args.volumes) % modalities:
+        raise BrainDINOError(args.head, f"needs {modalities} volumes per subject ({', '.join(head.card.modalities)}), "
+                                        f"got {len(args.volumes)}")
     features = _head_features(args, head)
     if head.card.task == "segmentation":
         for volume in args.volumes:
@@ -115,11 +164,6 @@ def run_predict(args: argparse.Namespace) -> int:
             write_volume(segment(head, features(volume), cleanup=args.cleanup), target)
             print(f"wrote {target}")
         return 0
-    modalities = max(1, len(head.card.modalities))
-    if len(args.volumes) % modalities:
-        from ..errors import BrainDINOError
-        raise BrainDINOError(args.head, f"needs {modalities} volumes per subject ({', '.join(head.card.modalities)}), "
-                                        f"got {len(args.volumes)}")
     results = []
     for start in range(0, len(args.volumes), modalities):
         group = args.volumes[start:start + modalities]
@@ -151,6 +195,8 @@ def run_segment(args: argparse.Namespace) -> int:
     from ..volume import write_volume
 
     head = load_head(args.head)
+    if head.card.task != "segmentation":
+        raise BrainDINOError(args.head, f"is a {head.card.task} head; segment needs a segmentation head (use predict)")
     features = _head_features(args, head)
     labels = segment(head, features(args.volume), cleanup=args.cleanup)
     write_volume(labels, args.out)
@@ -188,27 +234,32 @@ def register(commands: argparse._SubParsersAction) -> None:
     fit = commands.add_parser("fit-head", help="fit a head on the labelled cases of a CSV manifest")
     fit.add_argument("--task", required=True, choices=TASK_CHOICES)
     fit.add_argument("--manifest", required=True, type=Path, help="CSV: one row per case (see the README)")
-    fit.add_argument("--out", required=True, type=Path, help="head file to write (.safetensors)")
+    fit.add_argument("--out", required=True, type=head_path, help="head file to write (.safetensors)")
     fit.add_argument("--report", type=Path, default=None, help="metrics and plots folder (default: <out>_report)")
     fit.add_argument("--kind", default="", choices=("", "linear", "mlp", "decoder"),
                      help="segmentation head (default linear)")
     fit.add_argument("--pooling", default="mean", choices=("mean", "attention"), help="subject pooling (default mean)")
-    fit.add_argument("--hidden", type=int, default=256, help="subject heads: MLP width; 0 = linear (default 256)")
+    fit.add_argument("--hidden", type=int_between(0), default=256,
+                     help="subject heads: MLP width; 0 = linear (default 256)")
     fit.add_argument("--layers", type=parse_layers, default=None,
                      help="segmentation: blocks to concatenate, e.g. 2,5,8,11 (default: four evenly spaced blocks "
                           "ending with the last, as the Slicer module uses)")
     fit.add_argument("--classes", type=Path, default=None, help="segmentation: class names by label value, one a line")
-    fit.add_argument("--val-fraction", type=float, default=0.2, help="validation share for early stopping (0.2)")
-    fit.add_argument("--folds", type=int, default=0, help="k-fold cross-validation estimate (0: none)")
-    fit.add_argument("--label-fraction", type=float, default=1.0, help="train on this share of the labelled cases")
+    fit.add_argument("--val-fraction", type=float_between(0.0, 0.9), default=0.2,
+                     help="validation share for early stopping (0.2)")
+    fit.add_argument("--folds", type=int_between(0), default=0, help="k-fold cross-validation estimate (0: none)")
+    fit.add_argument("--label-fraction", type=float_between(0.0, 1.0), default=1.0,
+                     help="train on this share of the labelled cases")
     fit.add_argument("--seed", type=int, default=0)
-    fit.add_argument("--epochs", type=int, default=200)
-    fit.add_argument("--lr", type=float, default=1e-3)
-    fit.add_argument("--batch", type=int, default=32, help="slices (segmentation) or subjects per step")
-    fit.add_argument("--patience", type=int, default=30, help="early stopping patience in epochs")
+    fit.add_argument("--epochs", type=int_between(1), default=200)
+    fit.add_argument("--lr", type=float_between(0.0, 10.0), default=1e-3)
+    fit.add_argument("--batch", type=int_between(1), default=32, help="slices (segmentation) or subjects per step")
+    fit.add_argument("--patience", type=int_between(1), default=30, help="early stopping patience in epochs")
     _add_column_options(fit)
     add_model_options(fit)
     fit.set_defaults(run=run_fit_head)
+    declare_files(fit, inputs={"manifest": "manifest file", "classes": "class-name file"},
+                  outputs={"out": "file", "report": "folder"})
 
     predict = commands.add_parser("predict", help="apply a head to volumes (subject heads: prints JSON)")
     predict.add_argument("head", type=Path)
@@ -219,6 +270,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     predict.add_argument("--cleanup", action="store_true", help="segmentation: keep each label's largest component")
     add_model_options(predict)
     predict.set_defaults(run=run_predict)
+    declare_files(predict, inputs={"head": "head file", "volumes": "file or folder"}, outputs={"out": "file or folder"})
 
     seg = commands.add_parser("segment", help="write the label volume a segmentation head predicts")
     seg.add_argument("head", type=Path)
@@ -227,6 +279,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     seg.add_argument("--cleanup", action="store_true", help="keep each label's largest connected component")
     add_model_options(seg)
     seg.set_defaults(run=run_segment)
+    declare_files(seg, inputs={"head": "head file", "volume": "file or folder"}, outputs={"out": "file"})
 
     ev = commands.add_parser("evaluate", help="metrics and plots of a head on a manifest's cases")
     ev.add_argument("head", type=Path)
@@ -236,15 +289,18 @@ def register(commands: argparse._SubParsersAction) -> None:
     _add_column_options(ev)
     add_model_options(ev)
     ev.set_defaults(run=run_evaluate)
+    declare_files(ev, inputs={"head": "head file", "manifest": "manifest file"}, outputs={"report": "folder"})
 
     make = commands.add_parser("make-cases", help="generate labelled cases from the real templates (+ manifest)")
-    from ..synthetic import TASKS
-    make.add_argument("--task", required=True, choices=TASKS)
+    # Checked by make_cases (importing the generator here would delay every command by its scipy import).
+    make.add_argument("--task", required=True,
+                      help="tissue, lobes, aal, lesion, sequence, atrophy or survival (see the README)")
     make.add_argument("--out", required=True, type=Path, help="folder for the cases and cases.csv")
-    make.add_argument("--train", type=int, default=16, help="training cases (default 16)")
-    make.add_argument("--test", type=int, default=8, help="test cases (default 8)")
+    make.add_argument("--train", type=int_between(0), default=16, help="training cases (default 16)")
+    make.add_argument("--test", type=int_between(0), default=8, help="test cases (default 8)")
     make.add_argument("--seed", type=int, default=0)
-    make.add_argument("--spacing", type=float, default=2.0, help="voxel size in mm (default 2)")
+    make.add_argument("--spacing", type=float_between(0.5, 10.0), default=2.0, help="voxel size in mm (default 2)")
     make.add_argument("--sequences", type=_comma_list, default=(),
                       help="sequences to render per case, e.g. T1,FLAIR (multi-modal); default per task")
     make.set_defaults(run=run_make_cases)
+    declare_files(make, outputs={"out": "folder"})

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
+from .common import add_model_options, declare_files, int_between, open_session, tqdm_progress
 
-from .common import add_model_options, open_session, tqdm_progress
+if TYPE_CHECKING:
+    import numpy as np
 
 
 def output_path(text: str) -> Path:
@@ -24,25 +26,14 @@ def png_path(text: str) -> Path:
     return Path(text)
 
 
-def int_between(low: int, high: int):
-    """An argparse type: an integer in [low, high]."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = low - 1
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"expected an integer from {low} to {high}, got {text!r}")
-        return value
-    return parse
-
-
 def parse_point(text: str) -> np.ndarray:
+    import numpy as np
+
     try:
         values = [float(x) for x in text.replace(" ", "").split(",")]
     except ValueError:
         values = []
-    if len(values) != 3:
+    if len(values) != 3 or not np.isfinite(values).all():
         raise argparse.ArgumentTypeError(f"expected three comma-separated millimetres X,Y,Z, got {text!r}")
     return np.array(values)
 
@@ -71,11 +62,12 @@ def _montage(volume, overlay, path: Path | None, style, title: str, mask=None, p
 
 
 def run_pca(args: argparse.Namespace) -> int:
-    from ..maps import pca_map
-    from ..montage import OverlayStyle
     from ..volume import read_volume
 
-    volume = read_volume(args.volume)
+    volume = read_volume(args.volume)  # a bad volume is refused before torch is imported
+    from ..maps import pca_map
+    from ..montage import OverlayStyle
+
     session = open_session(args)
     features = _features(session, volume)
     result = pca_map(features, components=args.components, remove_background=not args.keep_background,
@@ -91,13 +83,14 @@ def run_pca(args: argparse.Namespace) -> int:
 
 
 def run_similarity(args: argparse.Namespace) -> int:
-    from ..maps import SimilarityIndex
-    from ..maps.similarity import voxel_of_point
-    from ..montage import OverlayStyle
     from ..volume import ras_to_lps, read_volume
 
     point_lps = args.point_lps if args.point_lps is not None else ras_to_lps(args.point_ras)
-    volume = read_volume(args.volume)
+    volume = read_volume(args.volume)  # a bad volume is refused before torch is imported
+    from ..maps import SimilarityIndex
+    from ..maps.similarity import voxel_of_point
+    from ..montage import OverlayStyle
+
     voxel_of_point(volume.geometry, point_lps)  # refuse a point outside the volume before the slow part
     session = open_session(args)
     features = _features(session, volume)
@@ -118,12 +111,13 @@ def run_similarity(args: argparse.Namespace) -> int:
 
 
 def run_attention(args: argparse.Namespace) -> int:
+    from ..volume import read_volume
+
+    volume = read_volume(args.volume)  # a bad volume is refused before torch is imported
     from ..maps import attention_map
     from ..montage import OverlayStyle
     from ..slices import foreground_mask
-    from ..volume import read_volume
 
-    volume = read_volume(args.volume)
     session = open_session(args)
     progress, bar = tqdm_progress("attention")
     with bar:
@@ -137,11 +131,12 @@ def run_attention(args: argparse.Namespace) -> int:
 
 
 def run_cluster(args: argparse.Namespace) -> int:
-    from ..maps import cluster_map
-    from ..montage import OverlayStyle
     from ..volume import read_volume
 
-    volume = read_volume(args.volume)
+    volume = read_volume(args.volume)  # a bad volume is refused before torch is imported
+    from ..maps import cluster_map
+    from ..montage import OverlayStyle
+
     session = open_session(args)
     features = _features(session, volume)
     labels = cluster_map(features, k=args.clusters, seed=args.seed)
@@ -172,6 +167,8 @@ def register(commands: argparse._SubParsersAction) -> None:
                      help="fit on every patch and keep colours outside the head mask")
     pca.add_argument("--seed", type=int, default=0, help="seed of the token subsample (default 0)")
     pca.set_defaults(run=run_pca)
+    declare_files(pca, inputs={"volume": "file or folder"},
+                  outputs={"out": "file", "png": "file", "components_out": "file"})
 
     similarity = _map_parser(commands, "similarity", "cosine similarity of every voxel's feature to one point's",
                              "similarity volume (float32 in [-1, 1])")
@@ -183,15 +180,20 @@ def register(commands: argparse._SubParsersAction) -> None:
     similarity.add_argument("--target", default=None,
                             help="map the similarity over this other volume instead (find the structure there)")
     similarity.set_defaults(run=run_similarity)
+    declare_files(similarity, inputs={"volume": "file or folder", "target": "file or folder"},
+                  outputs={"out": "file", "png": "file"})
 
     attention = _map_parser(commands, "attention", "last-block CLS-to-patch attention (mean over heads)",
                             "mean attention volume (float32)")
     attention.add_argument("--heads-out", type=output_path, default=None,
                            help="also write one attention channel per head as a vector volume")
     attention.set_defaults(run=run_attention)
+    declare_files(attention, inputs={"volume": "file or folder"},
+                  outputs={"out": "file", "png": "file", "heads_out": "file"})
 
     cluster = _map_parser(commands, "cluster", "k-means regions of the patch features (unsupervised parcellation)",
                           "label volume (uint8, 0 = background)")
     cluster.add_argument("-k", "--clusters", type=int_between(1, 255), default=8, help="number of regions (default 8)")
     cluster.add_argument("--seed", type=int, default=0, help="k-means seed (default 0)")
     cluster.set_defaults(run=run_cluster)
+    declare_files(cluster, inputs={"volume": "file or folder"}, outputs={"out": "file", "png": "file"})

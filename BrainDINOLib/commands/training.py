@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .common import tqdm_progress
+from .common import declare_files, int_between, tqdm_progress
 
 
 def run_prepare_slices(args: argparse.Namespace) -> int:
@@ -43,17 +43,19 @@ def register(commands: argparse._SubParsersAction) -> None:
     prepare.add_argument("inputs", nargs="+", help="volume files, folders (searched recursively) or CSV lists "
                                                    "(a 'path' column)")
     prepare.add_argument("--output", type=Path, required=True, help="folder for the shards and index.json")
-    prepare.add_argument("--image-size", type=int, default=224, help="slice size in pixels (default 224)")
-    prepare.add_argument("--patch-size", type=int, default=16, help="the model's patch size (default 16)")
-    prepare.add_argument("--shard-size", type=int, default=256, help="slices per shard file (default 256)")
+    prepare.add_argument("--image-size", type=int_between(1), default=224, help="slice size in pixels (default 224)")
+    prepare.add_argument("--patch-size", type=int_between(1), default=16, help="the model's patch size (default 16)")
+    prepare.add_argument("--shard-size", type=int_between(1), default=256, help="slices per shard file (default 256)")
     prepare.set_defaults(run=run_prepare_slices)
+    declare_files(prepare, inputs={"inputs": "file or folder"}, outputs={"output": "folder"})
 
     from ..training.entry import add_pretrain_arguments
 
     pretrain = commands.add_parser("pretrain", help="self-supervised pretraining (DINO + iBOT + KoLeo) of an "
                                                     "encoder on prepared slices")
     add_pretrain_arguments(pretrain)
-    pretrain.add_argument("--nproc-per-node", type=int, default=1,
+    pretrain.add_argument("--nproc-per-node", type=int_between(1), default=1,
                           help="processes on this machine (>1 runs torchrun --standalone); for several nodes "
                                "run torchrun with Training/pretrain.py yourself")
     pretrain.set_defaults(run=run_pretrain)
+    declare_files(pretrain, inputs={"config": "config file"})

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import BrainDINOError
 from ..features import VolumeFeatures
 from ..session import FeatureSession
 from . import plots
@@ -39,13 +40,34 @@ def segmentation_case_metrics(head: Head, features: VolumeFeatures, labels: np.n
                                 spacing)
 
 
+def _subject_image_columns(card, manifest: Manifest, config: FitConfig) -> list[str]:
+    return list(config.image_columns or card.modalities) or manifest.image_columns()
+
+
+def evaluation_rows(head: Head, manifest: Manifest, split: str | None = "test",
+                    columns: FitConfig | None = None) -> list[int]:
+    """The rows `evaluate` uses, after checking, before any features are computed, that the manifest suits this
+    head: the split exists, every target is valid for the head's task and classes, every file exists."""
+    card = head.card
+    config = replace(columns, task=card.task) if columns else FitConfig(task=card.task)
+    rows = manifest.rows_of_split(split)
+    if card.task == "segmentation":
+        manifest.require(config.label_column)
+        manifest.image_paths(rows, [manifest.image_columns(config.image_columns)[0], config.label_column])
+        return rows
+    images = _subject_image_columns(card, manifest, config)
+    manifest.require(*images)
+    _refuse_label_volumes(manifest, rows, config.label_column, card.task)
+    subject_targets(manifest, rows, config, card.class_names or None)
+    manifest.image_paths(rows, images)
+    return rows
+
+
 def evaluate(head: Head, manifest: Manifest, session: FeatureSession, split: str | None = "test",
              columns: FitConfig | None = None, progress=None, cancel=None) -> Evaluation:
     """Metrics of `head` on the manifest rows of `split` (`test`; all rows when there is no split column).
     Column names come from `columns` (a `FitConfig`; the defaults otherwise)."""
-    rows = manifest.select(split)
-    if not rows:
-        rows = manifest.select(None)
+    rows = evaluation_rows(head, manifest, split, columns)
     source = FeatureSource.for_head(head, session, progress=progress, cancel=cancel)
     card = head.card
     config = replace(columns, task=card.task) if columns else FitConfig(task=card.task)
@@ -68,7 +90,7 @@ def evaluate(head: Head, manifest: Manifest, session: FeatureSession, split: str
                                                            if n in m["per_class"]] or [np.nan])) for n in names}}
         return Evaluation(metrics, predictions)
     y, event, _ = subject_targets(manifest, rows, config, card.class_names or None)
-    images = list(config.image_columns or card.modalities) or manifest.image_columns()
+    images = _subject_image_columns(card, manifest, config)
     data = SubjectData(subject_bags(manifest, rows, images, source), y, event)
     metrics, outputs = subject_metrics(head, data)
     metrics = {"task": card.task, "subjects": len(rows), **metrics}
@@ -91,6 +113,15 @@ def evaluate(head: Head, manifest: Manifest, session: FeatureSession, split: str
                        high_risk_subjects=int(groups.high.sum()))
         arrays["groups"] = groups
     return Evaluation(metrics, predictions, arrays)
+
+
+def _refuse_label_volumes(manifest: Manifest, rows: list[int], column: str, task: str) -> None:
+    """A classification or kNN head evaluated on a segmentation manifest: say so, not "unknown classes"."""
+    if task not in ("classification", "knn") or column not in manifest.columns:
+        return
+    if all(manifest.rows[i][column] and manifest.resolve(manifest.rows[i][column]).is_file() for i in rows):
+        raise BrainDINOError(manifest.path, f"its {column} column holds label volumes (a segmentation manifest); "
+                                            f"this is a {task} head, which needs class names there")
 
 
 def write_report(folder: str | Path, evaluation: Evaluation, head: Head, history: History | None = None,

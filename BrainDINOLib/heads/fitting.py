@@ -1,10 +1,4 @@
-"""Fitting heads on labelled cases listed in a CSV manifest.
-
-A manifest has one row per case (subject). Columns (names configurable): `image` (or several
-`image_<modality>` columns for multi-modal subjects), and per task `label` (a label volume for
-segmentation, a class name for classification and kNN), `target` (a number, regression), `time` and
-`event` (survival); optionally `split` (`train` / `test`: test rows are never used for fitting) and
-`case`. Relative paths are relative to the manifest's folder.
+"""Fitting heads on labelled cases listed in a CSV manifest (`BrainDINOLib.manifest` reads and checks it).
 
 Features come from a `FeatureSession` (with its caches), so refitting a head costs seconds. Fitting
 holds out a validation part (`val_fraction`, fixed seed) for early stopping and reporting, or runs
@@ -13,7 +7,6 @@ k-fold cross-validation (`folds`) for the estimate and then fits the final head 
 """
 from __future__ import annotations
 
-import csv
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -26,6 +19,7 @@ from sklearn.model_selection import KFold, StratifiedKFold, train_test_split
 
 from ..errors import BrainDINOError
 from ..features import VolumeFeatures
+from ..manifest import Manifest
 from ..session import FeatureSession
 from ..volume import read_volume
 from .card import HeadCard, make_classes, names_for_values
@@ -34,65 +28,13 @@ from .knn import DEFAULT_K_SWEEP, KNNHead, subject_vector, sweep_k
 from .metrics import classification_metrics, regression_metrics
 from .segmentation import head_inputs, make_segmentation_module, segmentation_loss, soft_targets
 from .subject import Bag, SubjectHead, class_probabilities, regression_values, slice_tokens, subject_outputs
-from .survival import c_index, cox_partial_likelihood_loss
+from .survival import admissible_pairs, c_index, cox_partial_likelihood_loss
 from .training import History, TrainConfig, train_module
 
 log = logging.getLogger(__name__)
 
 SUBJECT_TASKS = ("classification", "regression", "survival", "knn")
-
-
-# ---- manifests -----------------------------------------------------------------------------------------------
-
-@dataclass
-class Manifest:
-    path: Path
-    rows: list[dict[str, str]]
-
-    @classmethod
-    def read(cls, path: str | Path) -> Manifest:
-        path = Path(path)
-        if not path.is_file():
-            raise BrainDINOError(path, "no such manifest file")
-        with open(path, newline="", encoding="utf-8") as handle:
-            rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in csv.DictReader(handle)]
-        if not rows:
-            raise BrainDINOError(path, "manifest has no rows")
-        return cls(path, rows)
-
-    @property
-    def columns(self) -> list[str]:
-        return list(self.rows[0])
-
-    def require(self, *columns: str) -> None:
-        missing = [c for c in columns if c not in self.columns]
-        if missing:
-            raise BrainDINOError(self.path, f"missing column(s) {', '.join(missing)} (columns: "
-                                            f"{', '.join(self.columns)})")
-
-    def image_columns(self, explicit: Sequence[str] | None = None) -> list[str]:
-        """`explicit` if given, else `image`, else every `image_*` column in order."""
-        columns = list(explicit) if explicit else (["image"] if "image" in self.columns else
-                                                   [c for c in self.columns if c.startswith("image_")])
-        if not columns:
-            raise BrainDINOError(self.path, "no image column (name it `image`, or `image_<modality>` per modality)")
-        self.require(*columns)
-        return columns
-
-    def resolve(self, value: str) -> Path:
-        path = Path(value)
-        return path if path.is_absolute() else self.path.parent / path
-
-    def case_id(self, index: int) -> str:
-        return self.rows[index].get("case") or f"row{index + 1}"
-
-    def select(self, split: str | None) -> list[int]:
-        """Row indices: `split=None` -> all; `"train"` -> every row not marked test; else that split."""
-        if split is None or "split" not in self.columns:
-            return list(range(len(self.rows)))
-        if split == "train":
-            return [i for i, r in enumerate(self.rows) if r["split"].lower() != "test"]
-        return [i for i, r in enumerate(self.rows) if r["split"].lower() == split]
+UNKNOWN_TASK = "unknown task; use segmentation, classification, regression, survival or knn"
 
 
 # ---- configuration -------------------------------------------------------------------------------------------
@@ -212,27 +154,24 @@ class SubjectData:
 
 def subject_targets(manifest: Manifest, rows: Sequence[int], config: FitConfig,
                     class_names: list[str] | None = None) -> tuple[np.ndarray, np.ndarray | None, list[str] | None]:
-    """Targets of `rows`: class indices (and the class names), numbers, or (time, event)."""
+    """Targets of `rows`: class indices (and the class names), numbers, or (time, event). Every value is
+    checked (see `Manifest`); `class_names` are a fitted head's classes, else those found in the rows."""
     task = config.task
-    values = [manifest.rows[i] for i in rows]
-    try:
-        if task in ("classification", "knn"):
-            manifest.require(config.label_column)
-            labels = [v[config.label_column] for v in values]
-            class_names = class_names or sorted(set(labels))
-            unknown = sorted(set(labels) - set(class_names))
-            if unknown:
-                raise BrainDINOError(manifest.path, f"classes {unknown} are not among the head's {class_names}")
-            return np.asarray([class_names.index(x) for x in labels]), None, class_names
-        if task == "regression":
-            manifest.require(config.target_column)
-            return np.asarray([float(v[config.target_column]) for v in values]), None, None
-        manifest.require(config.time_column, config.event_column)
-        time = np.asarray([float(v[config.time_column]) for v in values])
-        event = np.asarray([int(float(v[config.event_column])) for v in values])
-        return time, event, None
-    except ValueError as error:
-        raise BrainDINOError(manifest.path, f"bad target value ({error})") from None
+    if task in ("classification", "knn"):
+        labels = manifest.class_labels(rows, config.label_column)
+        if class_names is None:
+            class_names = sorted(set(labels))
+            if len(class_names) < 2:
+                raise BrainDINOError(manifest.path, f"{config.label_column} holds one class only ({class_names[0]!r} "
+                                                    f"in all {len(rows)} training rows); {task} needs two or more")
+        unknown = sorted(set(labels) - set(class_names))
+        if unknown:
+            raise BrainDINOError(manifest.path, f"classes {unknown} are not among the head's {class_names}")
+        return np.asarray([class_names.index(x) for x in labels]), None, class_names
+    if task == "regression":
+        return manifest.numbers(rows, config.target_column), None, None
+    manifest.require(config.time_column, config.event_column)
+    return manifest.numbers(rows, config.time_column, minimum=0), manifest.events(rows, config.event_column), None
 
 
 def _subject_loss(task: str, extra: dict):
@@ -318,8 +257,9 @@ def _fit_subject_head(data: SubjectData, val: SubjectData | None, config: FitCon
 def fit_subject(manifest: Manifest, session: FeatureSession, config: FitConfig, progress=None,
                 cancel=None) -> FitResult:
     """Fit a classification, regression, survival or kNN head on the manifest's training rows."""
+    rows = check_manifest(manifest, config)
     columns = manifest.image_columns(config.image_columns)
-    rows = manifest.select("train")
+    manifest.warn_shared_images(columns)
     y, event, class_names = subject_targets(manifest, rows, config)
     strata = y if class_names else None
     keep = label_subset(len(rows), config.label_fraction, config.seed, strata)
@@ -401,9 +341,9 @@ def read_labels(manifest: Manifest, row: int, column: str, shape: tuple[int, ...
 def fit_segmentation(manifest: Manifest, session: FeatureSession, config: FitConfig, progress=None,
                      cancel=None) -> FitResult:
     """Fit a segmentation head on every embedded slice of the manifest's training cases."""
-    manifest.require(config.label_column)
+    rows = check_manifest(manifest, config)
     column = manifest.image_columns(config.image_columns)[0]
-    rows = manifest.select("train")
+    manifest.warn_shared_images([column])
     rows = [rows[i] for i in label_subset(len(rows), config.label_fraction, config.seed)]
     layers = tuple(sorted(session.segmentation_layers if config.layers is None else config.layers))
     source = FeatureSource(session, layers, progress, cancel)
@@ -456,6 +396,36 @@ def fit_segmentation(manifest: Manifest, session: FeatureSession, config: FitCon
     return FitResult(head, history, metrics)
 
 
+def check_manifest(manifest: Manifest, config: FitConfig) -> list[int]:
+    """Check, before any features are computed, everything a fit of `config.task` needs from the manifest:
+    columns, splits, every training and test target (see `Manifest`), that the targets can teach something
+    (two classes, varying numbers, comparable survival pairs) and that every image and label file exists.
+    Returns the training rows."""
+    if config.task not in ("segmentation", *SUBJECT_TASKS):
+        raise BrainDINOError(config.task, UNKNOWN_TASK)
+    rows = manifest.training_rows()
+    test = manifest.select("test") if "split" in manifest.columns else []
+    if config.task == "segmentation":
+        manifest.require(config.label_column)
+        files = [manifest.image_columns(config.image_columns)[0], config.label_column]
+        manifest.image_paths(rows + test, files)
+        return rows
+    y, event, class_names = subject_targets(manifest, rows, config)
+    subject_targets(manifest, test, config, class_names)
+    if config.task == "survival" and not admissible_pairs(y, event):
+        raise BrainDINOError(manifest.path, f"no two training subjects can be compared ({int(event.sum())} events "
+                                            f"among {len(rows)} subjects, none outlived by another subject); a "
+                                            "survival head needs observed events followed by longer survivors")
+    if config.task == "regression" and np.ptp(y) == 0:
+        raise BrainDINOError(manifest.path, f"every training row has {config.target_column} {y[0]:g}; a regression "
+                                            "head needs targets that vary")
+    if config.folds > len(rows):
+        raise BrainDINOError(f"{config.folds} folds", f"cannot split {len(rows)} training subjects; use at most "
+                                                      f"{len(rows)}")
+    manifest.image_paths(rows + test, manifest.image_columns(config.image_columns))
+    return rows
+
+
 def fit_head(manifest: Manifest, session: FeatureSession, config: FitConfig, progress=None,
              cancel=None) -> FitResult:
     """Fit the head `config.task` asks for (see the module docstring for the manifest's columns)."""
@@ -463,4 +433,4 @@ def fit_head(manifest: Manifest, session: FeatureSession, config: FitConfig, pro
         return fit_segmentation(manifest, session, config, progress, cancel)
     if config.task in SUBJECT_TASKS:
         return fit_subject(manifest, session, config, progress, cancel)
-    raise BrainDINOError(config.task, "unknown task; use segmentation, classification, regression, survival or knn")
+    raise BrainDINOError(config.task, UNKNOWN_TASK)

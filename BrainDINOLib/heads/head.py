@@ -90,9 +90,15 @@ def load_head(path: str | Path) -> Head:
     try:
         card = HeadCard.from_json(text)
         module = build_module(card)
+    except (ValueError, TypeError, KeyError, AttributeError) as error:  # invalid JSON, fields or values
+        raise BrainDINOError(path, f"the head card in the file is not valid ({type(error).__name__}: {error})") \
+            from None
+    try:
         module.load_state_dict(state, strict=True)
-    except (ValueError, TypeError, KeyError, RuntimeError) as error:
-        raise BrainDINOError(path, f"head card and tensors do not match ({str(error).splitlines()[0]})") from None
+    except RuntimeError as error:
+        # torch lists every mismatch on its own line after a heading; name the tensors, not the heading.
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        raise BrainDINOError(path, f"head card and tensors do not match: {'; '.join(lines[1:] or lines)}") from None
     return Head(card, module.eval())
 
 

@@ -30,8 +30,17 @@ def cox_partial_likelihood_loss(log_risk: Tensor, time: Tensor, event: Tensor) -
     return -((log_risk - at_risk) * event).sum() / events
 
 
+def admissible_pairs(time: np.ndarray, event: np.ndarray) -> int:
+    """Pairs the C-index can compare: an observed event and a subject known to survive longer."""
+    time, event = np.asarray(time, float), np.asarray(event, bool)
+    return int(sum((time > t).sum() for t in time[event]))
+
+
 def c_index(time: np.ndarray, risk: np.ndarray, event: np.ndarray) -> float:
-    """Harrell's concordance: higher risk should mean earlier event (lifelines expects survival scores)."""
+    """Harrell's concordance: higher risk should mean earlier event (lifelines expects survival scores).
+    NaN when no pair of subjects can be compared (no event, or no one outlived an event)."""
+    if not admissible_pairs(time, event):
+        return float("nan")
     return float(concordance_index(time, -np.asarray(risk), event))
 
 

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from ..errors import BrainDINOError
 from .augment import MultiCrop, block_mask
 from .config import CropConfig, LossConfig
 from .shards import SliceShards
@@ -45,8 +46,8 @@ class StepBatches(Dataset):
     def __init__(self, shards: SliceShards, crops: CropConfig, loss: LossConfig, batch_size: int, patch_size: int,
                  in_chans: int, seed: int, rank: int = 0, world_size: int = 1):
         if crops.global_size % patch_size or crops.local_size % patch_size:
-            raise ValueError(f"crop sizes {crops.global_size}/{crops.local_size} must be multiples of the patch "
-                             f"size {patch_size}")
+            raise BrainDINOError(f"crop sizes {crops.global_size}/{crops.local_size}", f"must be multiples of the "
+                                                                                       f"patch size {patch_size}")
         self.shards, self.crops, self.loss = shards, crops, loss
         self.batch_size, self.patch_size, self.in_chans = batch_size, patch_size, in_chans
         self.seed, self.rank, self.world_size = seed, rank, world_size

@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 
-from ..cli import report_errors
+from ..cli import OneLineParser, report_errors
 
 
 def add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="BrainDINO self-supervised pretraining (run it under torchrun "
+    parser = OneLineParser(description="BrainDINO self-supervised pretraining (run it under torchrun "
                                                  "for several processes or nodes)")
     add_pretrain_arguments(parser)
     args = parser.parse_args(argv)

@@ -16,6 +16,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import BrainDINOError
+
 
 def _all_reduce(tensor: Tensor) -> Tensor:
     if dist.is_available() and dist.is_initialized():
@@ -48,7 +50,7 @@ class TeacherTargets(nn.Module):
     def __init__(self, prototypes: int, method: str, sinkhorn_iterations: int, center_momentum: float):
         super().__init__()
         if method not in ("sinkhorn", "centering"):
-            raise ValueError(f"unknown teacher target method {method!r} (sinkhorn or centering)")
+            raise BrainDINOError(f"teacher target method {method!r}", "unknown; use sinkhorn or centering")
         self.method, self.iterations, self.momentum = method, sinkhorn_iterations, center_momentum
         self.register_buffer("center", torch.zeros(1, prototypes))
 
