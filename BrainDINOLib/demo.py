@@ -3,7 +3,9 @@
 Steps: load the model -> features of the sample -> PCA colours -> similarity to a named anatomical point
 (the left putamen) -> k-means clusters -> few-shot segmentation of the brain's lobes from a handful of
 labelled axial slices (labels: the bundled AAL atlas merged into lobes), scored with Dice on the slices it
-was not shown -> the volumes and one report picture in the output folder. Each step is timed.
+was not shown -> the PCA and the few-shot Dice again at the old resolution (224 px on every slice), to show
+what the physical resolution buys -> the volumes and one report picture in the output folder. Each step is
+timed.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from .heads import FewShotResult, few_shot_segment
 from .heads.metrics import dice_per_class
 from .maps import SimilarityIndex, cluster_map, pca_map
 from .montage import OverlayStyle, Panel, save_report
-from .resolution import ResolutionPolicy
+from .resolution import LEGACY, ResolutionPolicy
 from .session import FeatureSession
 from .volume import Volume, ras_to_lps, read_volume, write_volume
 
@@ -61,6 +63,7 @@ class DemoConfig:
     point: NamedPoint = LEFT_PUTAMEN
     clusters: int = 8
     labelled_slices: int = 5
+    compare_with: ResolutionPolicy | None = LEGACY  # also run PCA and few-shot at this resolution, to compare
 
 
 @dataclass
@@ -68,6 +71,7 @@ class DemoResult:
     outputs: dict[str, Path] = field(default_factory=dict)  # what -> file
     seconds: dict[str, float] = field(default_factory=dict)  # step -> wall-clock seconds
     dice: dict[str, float] = field(default_factory=dict)  # lobe -> Dice on the slices the head was not shown
+    dice_compared: dict[str, float] = field(default_factory=dict)  # the same at `compare_with`'s resolution
 
 
 def spread_slices(labels: np.ndarray, count: int) -> list[int]:
@@ -139,18 +143,29 @@ def run_demo(out: str | Path, config: DemoConfig = DemoConfig(), cache: FeatureC
         table = "\n".join(f"{value} {name}" for value, name in enumerate(names)) + "\n"
         write_text_atomic(out / "fewshot_lobes.txt", table)
         result.outputs["lobe names"] = out / "fewshot_lobes.txt"
+    if config.compare_with is not None:
+        with step("PCA and few-shot at the old resolution"):
+            old = FeatureSession.for_encoder(session.encoder, config.compare_with, cache, config.batch_size)
+            old_features = old.features(volume, old.segmentation_layers)
+            old_pca = pca_map(old_features).rgb
+            _, _, result.dice_compared = lobe_few_shot(old_features, lobes, names, config.labelled_slices,
+                                                       old.segmentation_layers)
     with step("report picture"):
         head = features.foreground
         lobe_names = dict(enumerate(names))
         panels = [
             Panel(f"{Path(config.volume).name}: + = {config.point.name}", None),
-            Panel("PCA of the features (RGB = components 1-3)", pca, OverlayStyle("rgb", alpha=0.8), head),
+            Panel(f"PCA of the features (RGB = components 1-3): {session.policy.describe()}", pca,
+                  OverlayStyle("rgb", alpha=0.8), head),
             Panel(f"cosine similarity to the {config.point.name}", similarity,
                   OverlayStyle("scalar", cmap="inferno", vmax=1.0, label="similarity"), head),
             Panel(f"{config.clusters} k-means clusters", clusters, OverlayStyle("labels", alpha=0.5)),
             Panel(f"few-shot lobes ({len(shown)} labelled slices)", labels,
                   OverlayStyle("labels", alpha=0.5, names={k: v for k, v in lobe_names.items() if k})),
         ]
+        if config.compare_with is not None:
+            panels.insert(1, Panel(f"the same at the old resolution: {config.compare_with.describe()}", old_pca,
+                                   OverlayStyle("rgb", alpha=0.8), head))
         title = f"BrainDINO demo: {session.describe()}"
         result.outputs["report picture"] = save_report(volume, panels, out / "report.png", config.point.lps, title)
     return result

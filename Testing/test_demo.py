@@ -41,9 +41,10 @@ def test_demo_runs_end_to_end(small_sample, teacher_checkpoint, tmp_path):
                         clusters=4, labelled_slices=3)
     steps = []
     result = run_demo(tmp_path / "demo", config, on_step=lambda name, seconds: steps.append(name))
-    assert steps == list(result.seconds) and len(steps) == 7 and all(s >= 0 for s in result.seconds.values())
+    assert steps == list(result.seconds) and len(steps) == 8 and all(s >= 0 for s in result.seconds.values())
     assert set(result.dice) <= set(LOBES) and len(result.dice) >= 5
     assert all(0.0 <= d <= 1.0 for d in result.dice.values())
+    assert set(result.dice_compared) == set(result.dice)  # the same lobes at the old resolution
     reference = sitk.ReadImage(str(t1))
     volumes = [p for p in result.outputs.values() if p.name.endswith(".nii.gz")]
     assert len(volumes) == 4

@@ -31,6 +31,9 @@ def run_demo_command(args: argparse.Namespace) -> int:
         mean = sum(result.dice.values()) / len(result.dice)
         scores = ", ".join(f"{name} {score:.2f}" for name, score in result.dice.items())
         print(f"few-shot Dice on the slices it was not shown: mean {mean:.2f} ({scores})")
+    if result.dice_compared:
+        old = sum(result.dice_compared.values()) / len(result.dice_compared)
+        print(f"the same at the old resolution (224 px on every slice): mean {old:.2f}")
     print("wrote:")
     for what, path in result.outputs.items():
         print(f"  {path}  ({what})")

@@ -4,7 +4,7 @@ Input: the patch tokens of one or more encoder blocks, concatenated along channe
 BrainDINO paper used blocks 2, 5, 8, 11 of a ViT-B), at any voxel slice (interpolated between embedded
 slices). Three heads:
 - `LinearSegmentationHead`: BatchNorm + 1x1 convolution, one class score per cell (the linear probe).
-- `MLPSegmentationHead`: BatchNorm + a per-cell two-layer MLP (the few-shot default).
+- `MLPSegmentationHead`: BatchNorm + a per-cell two-layer MLP on channels-last rows (the few-shot default).
 - `DecoderSegmentationHead`: 1x1 projection, then light 3x3-conv blocks each upsampling x2, so it predicts
   on a grid finer than the patches.
 Training targets are the label slices, cropped to the same in-plane box as the model input and
@@ -52,26 +52,40 @@ class LinearSegmentationHead(nn.Module):
         return self, nn.Identity()
 
 
+class PerCell(nn.Module):
+    """Apply `layers` (acting on the last dimension) to every cell of [N, C, h, w]: linear layers on
+    channels-last rows, several times faster on a CPU than the same maps as 1x1 convolutions."""
+
+    def __init__(self, layers: nn.Module):
+        super().__init__()
+        self.layers = layers
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, _, h, w = x.shape
+        rows = self.layers(x.permute(0, 2, 3, 1).reshape(n * h * w, -1))
+        return rows.reshape(n, h, w, -1).permute(0, 3, 1, 2)
+
+
 @register_kind("mlp")
 class MLPSegmentationHead(nn.Module):
-    """BatchNorm + a two-layer per-cell MLP (1x1 convolutions, GELU): class scores per cell, nonlinear in the
-    tokens. The few-shot default: from a few labelled slices it tells apart regions that a linear map of
-    the tokens mixes up (mean lobe Dice 0.66 against 0.55 for the linear head, demo model, 5 slices)."""
+    """BatchNorm + a two-layer per-cell MLP (GELU): class scores per cell, nonlinear in the tokens. The
+    few-shot default: from a few labelled slices it tells apart regions that a linear map of the tokens
+    mixes up (mean lobe Dice 0.66 against 0.55 for the linear head, demo model, 5 slices)."""
 
     upscale = 1
     per_cell = True
 
-    def __init__(self, in_channels: int, num_classes: int, hidden: int = 128):
+    def __init__(self, in_channels: int, num_classes: int, hidden: int = 64):
         super().__init__()
-        self.layers = nn.Sequential(nn.BatchNorm2d(in_channels), nn.Conv2d(in_channels, hidden, 1), nn.GELU(),
-                                    nn.Conv2d(hidden, num_classes, 1))
+        self.layers = nn.Sequential(nn.BatchNorm1d(in_channels), nn.Linear(in_channels, hidden), nn.GELU(),
+                                    nn.Linear(hidden, num_classes))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.layers(x)
+        return PerCell(self.layers)(x)
 
     def split(self) -> tuple[nn.Module, nn.Module]:
-        """(affine part, the rest): BatchNorm and the first 1x1 convolution are affine per cell (in eval mode)."""
-        return self.layers[:2], self.layers[2:]
+        """(affine part, the rest): BatchNorm and the first linear layer are affine per cell (in eval mode)."""
+        return PerCell(self.layers[:2]), PerCell(self.layers[2:])
 
 
 @register_kind("decoder")
