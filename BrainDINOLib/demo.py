@@ -55,6 +55,7 @@ class DemoConfig:
     atlas_table: Path = AAL_TABLE
     model: str | Path = "demo"
     device: str | None = "cpu"
+    precision: str = "auto"  # inference.py: int8 on an x86 CPU, bf16 on CUDA; "fp32" for the reference
     image_size: int | None = None  # None: the model's own
     batch_size: int | None = None
     point: NamedPoint = LEFT_PUTAMEN
@@ -105,7 +106,7 @@ def run_demo(out: str | Path, config: DemoConfig = DemoConfig(), cache: FeatureC
         return volume
 
     with step("load model and sample"):
-        encoder = load_encoder(config.model, device=config.device)
+        encoder = load_encoder(config.model, device=config.device, precision=config.precision)
         volume = read_volume(config.volume)
         lobes, names = _read_lobes(config, volume)
     preprocessing = default_preprocessing(encoder)

@@ -61,7 +61,7 @@ def embed_volume(volume: Volume, encoder: Encoder, config: PreprocessConfig | No
     """
     config = config or default_preprocessing(encoder)
     layers = tuple(sorted(set(layers)))
-    key = feature_key(volume, encoder.model_id, config, layers) if cache is not None else None
+    key = feature_key(volume, encoder.feature_id, config, layers) if cache is not None else None
     if cache is not None and (hit := cache.get(key)) is not None:
         log.info("features of %s read from the cache (%s)", volume.source or "volume", cache.path_for(key))
         if progress:

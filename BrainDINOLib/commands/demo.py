@@ -18,7 +18,8 @@ def run_demo_command(args: argparse.Namespace) -> int:
                                          f"({BUILTIN_MODELS[args.model]} is missing); run the demo with "
                                          "--model CHECKPOINT")
     config = DemoConfig(model=args.model, device=args.device or "cpu", image_size=args.image_size,
-                        batch_size=args.batch_size, clusters=args.clusters, labelled_slices=args.labelled_slices)
+                        batch_size=args.batch_size, clusters=args.clusters, labelled_slices=args.labelled_slices,
+                        precision=args.precision)
     cache = None if args.no_cache else FeatureCache(args.cache_dir)
     print(f"BrainDINO demo on {config.volume.name} with model {args.model}, point: {config.point.name} "
           f"(RAS {config.point.ras} mm)")

@@ -44,7 +44,7 @@ def run_embed(args: argparse.Namespace) -> int:
     from ..volume import read_volume
 
     volume = read_volume(args.volume)
-    encoder = load_encoder(args.model, device=args.device)
+    encoder = load_encoder(args.model, device=args.device, precision=args.precision)
     config = default_preprocessing(encoder)
     if args.image_size:
         config = replace(config, image_size=args.image_size)

@@ -55,7 +55,7 @@ def run_fit_head(args: argparse.Namespace) -> int:
     from ..heads.evaluation import Evaluation
 
     manifest = Manifest.read(args.manifest)
-    encoder = load_encoder(args.model, device=args.device)
+    encoder = load_encoder(args.model, device=args.device, precision=args.precision)
     config = _fit_config(args, args.task)
     cache = _cache(args)
     report = args.report or args.out.with_name(args.out.name.split(".")[0] + "_report")
@@ -84,7 +84,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     head = load_head(args.head)
     manifest = Manifest.read(args.manifest)
-    encoder = load_encoder(args.model, device=args.device)
+    encoder = load_encoder(args.model, device=args.device, precision=args.precision)
     progress, bar = tqdm_progress("cases", unit="case")
     with bar:
         evaluation = evaluate(head, manifest, encoder, _cache(args), split=None if args.split == "all" else args.split,
@@ -100,7 +100,7 @@ def _head_features(args: argparse.Namespace, head):
     from ..encoder import load_encoder
     from ..heads import FeatureSource
 
-    encoder = load_encoder(args.model, device=args.device)
+    encoder = load_encoder(args.model, device=args.device, precision=args.precision)
     return FeatureSource.for_head(head, encoder, _cache(args))
 
 

@@ -53,7 +53,7 @@ def _load_model(args: argparse.Namespace):
     from ..embedding import default_preprocessing
     from ..encoder import load_encoder
 
-    encoder = load_encoder(args.model, device=args.device)
+    encoder = load_encoder(args.model, device=args.device, precision=args.precision)
     config = default_preprocessing(encoder)
     if args.image_size:
         config = replace(config, image_size=args.image_size)
