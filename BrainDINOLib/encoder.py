@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from .architecture import Architecture, parameter_count
 from .checkpoints import Checkpoint, ModelCard, load_backbone, read_checkpoint
-from .inference import inference_model, precision_context, resolve_precision
+from .inference import Precision, inference_model, precision_context, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,8 @@ class Encoder:
     prepared on the first call when the precision needs one.
     """
 
-    def __init__(self, model: nn.Module, checkpoint: Checkpoint, device: torch.device, precision: str = "auto"):
+    def __init__(self, model: nn.Module, checkpoint: Checkpoint, device: torch.device,
+                 precision: Precision = "auto"):
         self.model = model.to(device).eval().requires_grad_(False)
         self.checkpoint = checkpoint
         self.device = device
@@ -129,7 +130,7 @@ class Encoder:
 
 
 def load_encoder(source: str | Path = "demo", device: str | torch.device | None = None,
-                 precision: str = "auto") -> Encoder:
+                 precision: Precision = "auto") -> Encoder:
     """Load a checkpoint (path or built-in model name) as a frozen `Encoder` on `device` (auto if None) that
     runs at `precision` ("auto", "fp32", "int8" or "bf16"; see `inference.py`)."""
     checkpoint = read_checkpoint(source)

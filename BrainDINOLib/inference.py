@@ -81,10 +81,10 @@ def inference_model(model: nn.Module, precision: str) -> nn.Module:
 
 
 def precision_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast for "bf16"; autocast switched off otherwise, so that an autocast around the call (the
-    engine wraps CUDA batches in one) cannot change an fp32 or int8 encoder."""
-    if device.type not in ("cpu", "cuda"):
-        return contextlib.nullcontext()
+    """bf16 autocast for "bf16". On CUDA, autocast is switched off for fp32, so that an autocast around the
+    call (the engine wraps CUDA batches in one) cannot change an fp32 encoder."""
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
-    return torch.autocast(device.type, enabled=False)
+    if device.type == "cuda":
+        return torch.autocast("cuda", enabled=False)
+    return contextlib.nullcontext()

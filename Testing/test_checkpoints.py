@@ -51,7 +51,7 @@ def test_safetensors_with_model_card_round_trips_exactly(tmp_path, fixture_encod
     card = ModelCard("fixture", fixture_encoder.architecture, {"image_size": 224}, {"from": "test"}, "a test model")
     path = save_safetensors(fixture_encoder.model, card, tmp_path / "fixture.safetensors", dtype=torch.float32)
     assert json.loads((tmp_path / "fixture.json").read_text())["name"] == "fixture"
-    encoder = load_encoder(path, device="cpu")
+    encoder = load_encoder(path, device="cpu", precision="fp32")
     assert encoder.checkpoint.kind == "braindino-safetensors"
     assert encoder.architecture == fixture_encoder.architecture
     assert encoder.card.preprocessing == {"image_size": 224}
@@ -63,7 +63,7 @@ def test_safetensors_with_model_card_round_trips_exactly(tmp_path, fixture_encod
 def test_teacher_export_round_trips(tmp_path, fixture_encoder, images):
     path = save_teacher_checkpoint(fixture_encoder.model, fixture_encoder.architecture, tmp_path / "teacher.pth",
                                    extra={"dino_head.mlp.0.weight": torch.zeros(8, 256)}, iteration=7)
-    encoder = load_encoder(path, device="cpu")
+    encoder = load_encoder(path, device="cpu", precision="fp32")
     assert encoder.checkpoint.kind == "braindino-teacher"
     assert encoder.architecture == fixture_encoder.architecture
     torch.testing.assert_close(encoder.tokens(images).cls, fixture_encoder.tokens(images).cls, rtol=0, atol=0)

@@ -6,7 +6,7 @@ segments the whole volume. The baseline, measured in the same run, is embedding 
 should cost a small fraction of it.
 
     .venv/bin/python benchmarks/fit_speed.py [--model CHECKPOINT] [--image-size 224] [--layers 0,1,2]
-                                            [--spacing 1] [--threads 1] [--repeats 3]
+                                            [--spacing 1] [--threads 1] [--repeats 3] [--smoke]
 """
 from __future__ import annotations
 
@@ -45,7 +45,11 @@ def main() -> None:
     parser.add_argument("--spacing", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--smoke", action="store_true",
+                        help="64 px, 3 mm voxels, one thread, one repeat: checks that the script runs")
     args = parser.parse_args()
+    if args.smoke:
+        args.image_size, args.spacing, args.threads, args.repeats = 64, 3.0, 1, 1
     torch.set_num_threads(args.threads)
     encoder = load_encoder(args.model, device="cpu")
     volume = read_resampled(COLIN27_T1, args.spacing, labels=False)

@@ -31,7 +31,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     """Options shared by every command that embeds volumes."""
     parser.add_argument("--model", default="demo", help="checkpoint file or built-in model name (default: demo)")
     parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
-    parser.add_argument("--precision", choices=("auto", "fp32", "int8", "bf16"), default="auto",
+    parser.add_argument("--precision", choices=("auto", "fp32", "int8", "bf16"), default="auto",  # inference.PRECISIONS
                         help="how the encoder computes (default auto: int8 on an x86 CPU, bf16 on CUDA, fp32 "
                              "elsewhere); fp32 reproduces the reference features exactly")
     parser.add_argument("--batch-size", type=int, default=None, help="slices per batch (default: from free memory)")
