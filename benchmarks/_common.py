@@ -8,11 +8,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from BrainDINOLib import Architecture
+from BrainDINOLib import Architecture, Volume
 from BrainDINOLib.atomic import write_text_atomic
 from BrainDINOLib.checkpoints import ModelCard, save_safetensors
 
@@ -85,3 +86,13 @@ def write_json(path: Path | None, data: object) -> None:
     if path is not None:
         write_text_atomic(path, json.dumps(data, indent=1) + "\n")
         print(f"wrote {path}")
+
+
+def read_resampled(path: Path, spacing: float, labels: bool = False) -> Volume:
+    """A volume resampled to isotropic `spacing` mm (nearest neighbour for label maps)."""
+    image = sitk.ReadImage(str(path), sitk.sitkUInt8 if labels else sitk.sitkFloat32)
+    if spacing != 1.0:
+        size = [int(round(n / spacing)) for n in image.GetSize()]
+        image = sitk.Resample(image, size, sitk.Transform(), sitk.sitkNearestNeighbor if labels else sitk.sitkLinear,
+                              image.GetOrigin(), [spacing] * 3, image.GetDirection())
+    return Volume.from_image(image, str(path))

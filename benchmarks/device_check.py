@@ -208,7 +208,7 @@ def pretraining_row(name: str, overrides: tuple[str, ...], shards: Path, output:
 
 def demo_row(device: torch.device, output: Path, smoke: bool) -> Row:
     command = [sys.executable, "-m", "BrainDINOLib.cli", "demo", "--device", device.type, "--out", str(output),
-               "--no-cache", *(["--image-size", "32"] if smoke else [])]
+               "--no-cache", *(["--image-size", "32", "--clusters", "2", "--labelled-slices", "2"] if smoke else [])]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"} if smoke else None
     start = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=environment)
@@ -243,7 +243,7 @@ def main() -> None:
 
     if args.smoke:
         torch.set_num_threads(1)
-        models, sizes = {"tiny": TINY}, {32: 2, 64: 2}
+        models, sizes = {"tiny": TINY}, {32: 2}
         recipes = {"demo recipe (shrunk)": SMOKE_RECIPE, "ViT-B recipe (shrunk)": SMOKE_RECIPE}
         args.seconds, args.steps, shard_size = 0.2, 4, 64
     else:

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from _common import TINY, VIT_S16, machine_line, matmul_gflops, random_checkpoint
-from BrainDINOLib import PreprocessConfig, embed_volume, read_volume
+from _common import TINY, VIT_S16, machine_line, matmul_gflops, random_checkpoint, read_resampled
+from BrainDINOLib import PreprocessConfig, embed_volume
 from BrainDINOLib.atlas import COLIN27_T1
 from BrainDINOLib.encoder import load_encoder
 from BrainDINOLib.slices import foreground_mask, normalise_intensity
@@ -49,14 +49,14 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32", help="encoder precision (default fp32)")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "braindino-bench")
     parser.add_argument("--smoke", action="store_true",
-                        help="a tiny ViT at 32 px on one thread: checks that the script runs")
+                        help="a tiny ViT at 32 px on Colin27 at 4 mm, one thread: checks that the script runs")
     args = parser.parse_args()
     if args.smoke:
         torch.set_num_threads(1)
-    architecture, size = (TINY, 32) if args.smoke else (VIT_S16, 224)
+    architecture, size, spacing = (TINY, 32, 4.0) if args.smoke else (VIT_S16, 224, 1.0)
     checkpoint = random_checkpoint(architecture, args.work / f"embed-speed-{architecture.embed_dim}.safetensors")
     encoder = load_encoder(checkpoint, device="cpu", precision=args.precision)
-    volume = read_volume(COLIN27_T1)
+    volume = read_resampled(COLIN27_T1, spacing)
     peak = matmul_gflops(torch.float32, 256 if args.smoke else 2048)
     flops = flops_per_image(encoder, size)
     print(f"{machine_line()}; fp32 matmul peak {peak:.1f} GFLOP/s")

@@ -16,25 +16,16 @@ import time
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 
-from BrainDINOLib import PreprocessConfig, Volume, embed_volume, load_encoder
+from _common import read_resampled
+from BrainDINOLib import PreprocessConfig, embed_volume, load_encoder
 from BrainDINOLib.heads import few_shot_segment, segment
 from BrainDINOLib.heads.metrics import dice_per_class
 from BrainDINOLib.atlas import COLIN27_AAL, COLIN27_T1, merge_aal_into_lobes
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO.parent / "shared" / "fixtures" / "dinov3_teacher" / "teacher_checkpoint.pth"
-
-
-def read_resampled(path: Path, spacing: float, labels: bool) -> Volume:
-    image = sitk.ReadImage(str(path), sitk.sitkUInt8 if labels else sitk.sitkFloat32)
-    if spacing != 1.0:
-        size = [int(round(n / spacing)) for n in image.GetSize()]
-        image = sitk.Resample(image, size, sitk.Transform(), sitk.sitkNearestNeighbor if labels else sitk.sitkLinear,
-                              image.GetOrigin(), [spacing] * 3, image.GetDirection())
-    return Volume.from_image(image, str(path))
 
 
 def main() -> None:
@@ -46,10 +37,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--smoke", action="store_true",
-                        help="64 px, 3 mm voxels, one thread, one repeat: checks that the script runs")
+                        help="64 px, 4 mm voxels, one thread, one repeat: checks that the script runs")
     args = parser.parse_args()
     if args.smoke:
-        args.image_size, args.spacing, args.threads, args.repeats = 64, 3.0, 1, 1
+        args.image_size, args.spacing, args.threads, args.repeats = 64, 4.0, 1, 1
     torch.set_num_threads(args.threads)
     encoder = load_encoder(args.model, device="cpu")
     volume = read_resampled(COLIN27_T1, args.spacing, labels=False)
