@@ -1,6 +1,7 @@
 """Helpers the benchmarks share (not a benchmark itself: the smoke test skips files starting with "_")."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import statistics
@@ -8,13 +9,16 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from BrainDINOLib import Architecture, Volume
+from BrainDINOLib import Architecture, PreprocessConfig, SliceStack, Volume, read_volume
+from BrainDINOLib.atlas import COLIN27_T1
 from BrainDINOLib.atomic import write_text_atomic
+from BrainDINOLib.encoder import Encoder
 from BrainDINOLib.checkpoints import ModelCard, save_safetensors
 
 VIT_S16 = Architecture(family="dinov3", embed_dim=384, depth=12, num_heads=6, patch_size=16)
@@ -96,3 +100,16 @@ def read_resampled(path: Path, spacing: float, labels: bool = False) -> Volume:
         image = sitk.Resample(image, size, sitk.Transform(), sitk.sitkNearestNeighbor if labels else sitk.sitkLinear,
                               image.GetOrigin(), [spacing] * 3, image.GetDirection())
     return Volume.from_image(image, str(path))
+
+
+@functools.cache
+def _colin27_stack(image_size: int, patch_size: int) -> SliceStack:
+    return SliceStack.from_volume(read_volume(COLIN27_T1), patch_size, PreprocessConfig(image_size=image_size))
+
+
+def colin27_slices(encoder: Encoder, image_size: int, count: int) -> Tensor:
+    """`count` axial slices of the bundled Colin27 T1 spread over the head, ready for `encoder` at `image_size`."""
+    stack = _colin27_stack(image_size, encoder.patch_size)
+    channels = encoder.architecture.in_chans
+    picks = np.linspace(len(stack) * 0.2, len(stack) * 0.8, count).round().astype(int)
+    return torch.cat([stack.batch(int(k), int(k) + 1, channels) for k in picks])

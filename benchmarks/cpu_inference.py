@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import functools
 import logging
 import tempfile
 import time
@@ -40,10 +39,10 @@ import torch
 import torch._inductor.config
 from torch import Tensor, nn
 
-from _common import (TINY, VIT_B16, VIT_S16, gflops, interleaved_medians, machine_line, matmul_gflops,
-                     patch_cosine, random_checkpoint, segmentation_layers, write_json)
-from BrainDINOLib import PreprocessConfig, SliceStack, read_volume
-from BrainDINOLib.atlas import COLIN27_T1, MNI152_GM, MNI152_T1, MNI152_WM
+from _common import (TINY, VIT_B16, VIT_S16, colin27_slices, gflops, interleaved_medians, machine_line,
+                     matmul_gflops, patch_cosine, random_checkpoint, segmentation_layers, write_json)
+from BrainDINOLib import PreprocessConfig, read_volume
+from BrainDINOLib.atlas import MNI152_GM, MNI152_T1, MNI152_WM
 from BrainDINOLib.checkpoints import load_backbone, read_checkpoint
 from BrainDINOLib.embedding import auto_batch_size
 from BrainDINOLib.encoder import Encoder, Tokens
@@ -141,24 +140,12 @@ def kernel_peaks(size: int) -> dict[str, float]:
             "int8": gflops(lambda: linear(x), 2 * size**3)}
 
 
-@functools.cache
-def colin27_stack(image_size: int) -> SliceStack:
-    return SliceStack.from_volume(read_volume(COLIN27_T1), 16, PreprocessConfig(image_size=image_size))
-
-
-def slices(image_size: int, channels: int, count: int) -> Tensor:
-    """`count` axial slices of Colin27 spread over the head, model-ready at `image_size`."""
-    stack = colin27_stack(image_size)
-    picks = np.linspace(len(stack) * 0.2, len(stack) * 0.8, count).round().astype(int)
-    return torch.cat([stack.batch(int(k), int(k) + 1, channels) for k in picks])
-
-
 def compare(model_name: str, encoder: Encoder, image_size: int, candidates: list[str], repeats: int,
             batch: int | None) -> list[dict]:
     """One row per candidate: preparation seconds, ms per slice, speed-up over fp32, cosine fidelity."""
     layers = segmentation_layers(encoder.architecture.depth)
     batch = batch or auto_batch_size(encoder, image_size)
-    images = slices(image_size, encoder.architecture.in_chans, batch)
+    images = colin27_slices(encoder, image_size, batch)
     encoders, prepare, outputs = {}, {}, {}
     for name in candidates:
         try:

@@ -37,9 +37,9 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from _common import TINY, VIT_B16, VIT_S16, machine_line, matmul_gflops, patch_cosine, random_checkpoint, \
-    segmentation_layers, write_json
-from BrainDINOLib import PreprocessConfig, SliceStack, embed_volume, read_volume
+from _common import (TINY, VIT_B16, VIT_S16, colin27_slices, machine_line, matmul_gflops, patch_cosine,
+                     random_checkpoint, segmentation_layers, write_json)
+from BrainDINOLib import PreprocessConfig, embed_volume, read_volume
 from BrainDINOLib.atlas import COLIN27_T1, MNI152_T1
 from BrainDINOLib.checkpoints import load_backbone, read_checkpoint
 from BrainDINOLib.encoder import Encoder, autocast_for
@@ -138,13 +138,10 @@ def throughput_rows(name: str, encoders: dict[str, Encoder], sizes: dict[int, in
 
 def fidelity_rows(name: str, encoders: dict[str, Encoder], sizes: list[int], count: int) -> list[Row]:
     rows = []
-    volume = read_volume(COLIN27_T1)
     reference_encoder = encoders["fp32"]
     layers = segmentation_layers(reference_encoder.architecture.depth)
     for size in sizes:
-        stack = SliceStack.from_volume(volume, reference_encoder.patch_size, PreprocessConfig(image_size=size))
-        picks = np.linspace(0.2 * len(stack), 0.8 * len(stack), count).round().astype(int)
-        images = torch.cat([stack.batch(int(k), int(k) + 1, reference_encoder.architecture.in_chans) for k in picks])
+        images = colin27_slices(reference_encoder, size, count)
         with autocast_for(reference_encoder.device):  # as embed_volume calls it: fp32 must stay fp32 inside
             reference = reference_encoder.tokens(images, layers)
             tokens = encoders["auto"].tokens(images, layers)
@@ -244,7 +241,7 @@ def main() -> None:
     if args.smoke:
         torch.set_num_threads(1)
         models, sizes = {"tiny": TINY}, {32: 2}
-        recipes = {"demo recipe (shrunk)": SMOKE_RECIPE, "ViT-B recipe (shrunk)": SMOKE_RECIPE}
+        recipes = {"demo recipe (shrunk)": SMOKE_RECIPE, "ViT-B recipe (shrunk)": VIT_B_RECIPE + SMOKE_RECIPE}
         args.seconds, args.steps, shard_size = 0.2, 4, 64
     else:
         models, sizes = {"ViT-S/16": VIT_S16, "ViT-B/16": VIT_B16}, {224: 256, args.fine: 32}
