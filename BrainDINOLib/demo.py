@@ -59,6 +59,7 @@ class DemoConfig:
     model: str | Path = "demo"
     device: str | None = "cpu"
     policy: ResolutionPolicy | None = None  # None: the device's default resolution
+    precision: str = "auto"  # inference.py: int8 on an x86 CPU, bf16 on CUDA; "fp32" for the reference
     batch_size: int | None = None
     point: NamedPoint = LEFT_PUTAMEN
     clusters: int = 8
@@ -122,7 +123,8 @@ def run_demo(out: str | Path, config: DemoConfig = DemoConfig(), cache: FeatureC
         return volume
 
     with step("load model and sample"):
-        session = FeatureSession.open(config.model, config.device, config.policy, cache, config.batch_size)
+        session = FeatureSession.open(config.model, config.device, config.policy, cache, config.batch_size,
+                                      config.precision)
         volume = read_volume(config.volume)
         lobes, names = read_lobes(config, volume)
     with step("features"):

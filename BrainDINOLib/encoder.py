@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from .architecture import Architecture, parameter_count
 from .checkpoints import Checkpoint, ModelCard, load_backbone, read_checkpoint
 from .errors import BrainDINOError
+from .inference import Precision, inference_model, precision_context, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +67,20 @@ def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
 
 
 class Encoder:
-    """A frozen ViT backbone in eval mode. Feed it model-ready images; it returns `Tokens`."""
+    """A frozen ViT backbone in eval mode. Feed it model-ready images; it returns `Tokens`.
 
-    def __init__(self, model: nn.Module, checkpoint: Checkpoint, device: torch.device):
+    `model` stays the timm backbone as loaded (fp32): attention maps and exports read its weights. `tokens`
+    runs it at `precision` (see `inference.py`; "auto": int8 on an x86 CPU, bf16 on CUDA), through a copy
+    prepared on the first call when the precision needs one.
+    """
+
+    def __init__(self, model: nn.Module, checkpoint: Checkpoint, device: torch.device,
+                 precision: Precision = "auto"):
         self.model = model.to(device).eval().requires_grad_(False)
         self.checkpoint = checkpoint
         self.device = device
+        self.precision = resolve_precision(precision, device)
+        self._runner: nn.Module | None = None
 
     @property
     def architecture(self) -> Architecture:
@@ -84,6 +93,19 @@ class Encoder:
     @property
     def model_id(self) -> str:
         return self.checkpoint.model_id
+
+    @property
+    def feature_id(self) -> str:
+        """The model's identity and the precision it runs at: what the feature cache keys on, since features
+        of different precisions are close but not identical (heads compare `model_id` only)."""
+        return f"{self.model_id} ({self.precision})"
+
+    @property
+    def runner(self) -> nn.Module:
+        """The module `tokens` runs: `model`, or its int8 copy (made once, on first use)."""
+        if self._runner is None:
+            self._runner = inference_model(self.model, self.precision)
+        return self._runner
 
     @property
     def patch_size(self) -> int:
@@ -112,10 +134,12 @@ class Encoder:
             raise BrainDINOError(f"layers {','.join(map(str, layers))}", f"out of range for {self.model_id}, a "
                                                                          f"{depth}-block model (use 0 to {depth - 1})")
         x = images.to(self.device)
-        if layers:
-            final, intermediates = self.model.forward_intermediates(x, indices=layers, norm=True, output_fmt="NLC")
-        else:
-            final, intermediates = self.model.forward_features(x), []
+        with precision_context(self.device, self.precision):
+            if layers:
+                final, intermediates = self.runner.forward_intermediates(x, indices=layers, norm=True,
+                                                                         output_fmt="NLC")
+            else:
+                final, intermediates = self.runner.forward_features(x), []
         h, w = height // patch, width // patch
         registers = self.architecture.num_register_tokens
         prefix = 1 + registers
@@ -124,13 +148,15 @@ class Encoder:
                       layers={i: y.reshape(batch, h, w, -1) for i, y in zip(layers, intermediates)})
 
 
-def load_encoder(source: str | Path = "demo", device: str | torch.device | None = None) -> Encoder:
-    """Load a checkpoint (path or built-in model name) as a frozen `Encoder` on `device` (auto if None).
+def load_encoder(source: str | Path = "demo", device: str | torch.device | None = None,
+                 precision: Precision = "auto") -> Encoder:
+    """Load a checkpoint (path or built-in model name) as a frozen `Encoder` on `device` (auto if None) that
+    runs at `precision` ("auto", "fp32", "int8" or "bf16"; see `inference.py`).
 
     The weights are built directly on the device, after checking that they fit there (`BrainDINOError` if not)."""
     checkpoint = read_checkpoint(source)
     device = select_device(device)
-    encoder = Encoder(load_backbone(checkpoint, device=device), checkpoint, device)
-    log.info("loaded %s (%s) from %s on %s", checkpoint.architecture.describe(), checkpoint.kind,
-             checkpoint.path, encoder.device)
+    encoder = Encoder(load_backbone(checkpoint, device=device), checkpoint, device, precision)
+    log.info("loaded %s (%s) from %s on %s, %s", checkpoint.architecture.describe(), checkpoint.kind,
+             checkpoint.path, encoder.device, encoder.precision)
     return encoder

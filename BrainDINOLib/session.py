@@ -20,6 +20,7 @@ import torch
 from .cache import FeatureCache, preference, serves, volume_key
 from .embedding import Cancel, Progress, default_preprocessing, embed_volume
 from .encoder import Encoder, load_encoder
+from .inference import Precision
 from .features import VolumeFeatures
 from .resolution import ResolutionPolicy, default_policy
 from .slices import PreprocessConfig, SliceStack
@@ -49,9 +50,10 @@ class FeatureSession:
     @classmethod
     def open(cls, model: str | Path = "demo", device: str | torch.device | None = None,
              policy: ResolutionPolicy | None = None, cache: FeatureCache | None = None,
-             batch_size: int | None = None) -> FeatureSession:
-        """Load `model` on `device` (auto if None); `policy` None takes the device's default resolution."""
-        return cls.for_encoder(load_encoder(model, device=device), policy, cache, batch_size)
+             batch_size: int | None = None, precision: Precision = "auto") -> FeatureSession:
+        """Load `model` on `device` (auto if None) to run at `precision` (see `inference.py`); `policy` None
+        takes the device's default resolution."""
+        return cls.for_encoder(load_encoder(model, device=device, precision=precision), policy, cache, batch_size)
 
     @classmethod
     def for_encoder(cls, encoder: Encoder, policy: ResolutionPolicy | None = None,
@@ -65,15 +67,16 @@ class FeatureSession:
         return segmentation_layers(self.encoder.architecture.depth)
 
     def describe(self) -> str:
-        return f"{self.encoder.model_id} on {self.encoder.device}: {self.policy.describe()}"
+        return f"{self.encoder.feature_id} on {self.encoder.device}: {self.policy.describe()}"
 
     def slice_stack(self, volume: Volume) -> SliceStack:
         """The model-ready slices of `volume` under this session's preprocessing and resolution."""
         return SliceStack.from_volume(volume, self.encoder.patch_size, self.preprocessing, self.policy)
 
     def cache_key(self, volume: Volume) -> str:
-        """The key of `volume`'s features under this session's model and preprocessing (see `volume_key`)."""
-        return volume_key(volume, self.encoder.model_id, self.preprocessing)
+        """The key of `volume`'s features under this session's model, precision and preprocessing (see
+        `volume_key`)."""
+        return volume_key(volume, self.encoder.feature_id, self.preprocessing)
 
     def features(self, volume: Volume, layers: Sequence[int] = (), progress: Progress | None = None,
                  cancel: Cancel | None = None) -> VolumeFeatures:

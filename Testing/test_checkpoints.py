@@ -34,7 +34,7 @@ def _backbone(state):
 def test_plain_dinov3_state_dict(tmp_path, teacher_state, fixture_encoder, images):
     path = tmp_path / "dinov3_vit.pth"
     torch.save(_backbone(teacher_state), path)
-    encoder = load_encoder(path, device="cpu")
+    encoder = load_encoder(path, device="cpu", precision="fp32")
     assert encoder.checkpoint.kind == "dinov3-state-dict"
     assert encoder.architecture.embed_dim == 256 and encoder.architecture.num_heads == 4
     # Only LayerNorm eps differs (1e-5 for Meta's DINOv3 release, 1e-6 for BrainDINO teachers).
@@ -51,14 +51,14 @@ def test_timm_state_dict_and_wrapped_state_dicts(tmp_path, fixture_encoder, imag
         assert checkpoint.kind == "timm-state-dict"
         assert checkpoint.architecture.depth == 3
         assert any("num_heads=4 assumed" in note for note in checkpoint.notes)
-        load_encoder(tmp_path / name, device="cpu")
+        load_encoder(tmp_path / name, device="cpu", precision="fp32")
 
 
 def test_safetensors_with_model_card_round_trips_exactly(tmp_path, fixture_encoder, images):
     card = ModelCard("fixture", fixture_encoder.architecture, {"image_size": 224}, {"from": "test"}, "a test model")
     path = save_safetensors(fixture_encoder.model, card, tmp_path / "fixture.safetensors", dtype=torch.float32)
     assert json.loads((tmp_path / "fixture.json").read_text())["name"] == "fixture"
-    encoder = load_encoder(path, device="cpu")
+    encoder = load_encoder(path, device="cpu", precision="fp32")
     assert encoder.checkpoint.kind == "braindino-safetensors"
     assert encoder.architecture == fixture_encoder.architecture
     assert encoder.card.preprocessing == {"image_size": 224}
@@ -70,7 +70,7 @@ def test_safetensors_with_model_card_round_trips_exactly(tmp_path, fixture_encod
 def test_teacher_export_round_trips(tmp_path, fixture_encoder, images):
     path = save_teacher_checkpoint(fixture_encoder.model, fixture_encoder.architecture, tmp_path / "teacher.pth",
                                    extra={"dino_head.mlp.0.weight": torch.zeros(8, 256)}, iteration=7)
-    encoder = load_encoder(path, device="cpu")
+    encoder = load_encoder(path, device="cpu", precision="fp32")
     assert encoder.checkpoint.kind == "braindino-teacher"
     assert encoder.architecture == fixture_encoder.architecture
     torch.testing.assert_close(encoder.tokens(images).cls, fixture_encoder.tokens(images).cls, rtol=0, atol=0)
@@ -84,14 +84,14 @@ def test_dinov2_state_dicts(tmp_path, images, registers):
     model = arch.build().eval()
     timm_path = tmp_path / "timm.pth"
     torch.save(model.state_dict(), timm_path)
-    timm_encoder = load_encoder(timm_path, device="cpu")
+    timm_encoder = load_encoder(timm_path, device="cpu", precision="fp32")
     assert timm_encoder.checkpoint.kind == "timm-state-dict"
     assert timm_encoder.architecture.num_register_tokens == registers
     expected = timm_encoder.tokens(images)
     if registers == 0:  # Meta's DINOv2 naming = timm's plus the mask token
         meta = dict(model.state_dict(), mask_token=torch.zeros(1, 128))
         torch.save(meta, tmp_path / "dinov2.pth")
-        meta_encoder = load_encoder(tmp_path / "dinov2.pth", device="cpu")
+        meta_encoder = load_encoder(tmp_path / "dinov2.pth", device="cpu", precision="fp32")
         assert meta_encoder.checkpoint.kind == "dinov2-state-dict"
         torch.testing.assert_close(meta_encoder.tokens(images).patches, expected.patches)
     assert expected.patches.shape == (2, 4, 6, 128)
@@ -108,7 +108,7 @@ def test_large_checkpoints_are_memory_mapped(monkeypatch, teacher_checkpoint, fi
 
     monkeypatch.setattr(torch, "load", recording_load)
     monkeypatch.setattr(checkpoints, "MMAP_FROM_BYTES", 1 << 20)  # the 10 MB fixture counts as large
-    encoder = load_encoder(teacher_checkpoint, device="cpu")
+    encoder = load_encoder(teacher_checkpoint, device="cpu", precision="fp32")
     assert mapped == [True]
     torch.testing.assert_close(encoder.tokens(images).patches, fixture_encoder.tokens(images).patches, rtol=0, atol=0)
 
@@ -142,7 +142,7 @@ def _teacher_variant(tmp_path, teacher_state, change):
 def test_strict_loading_names_the_tensor(tmp_path, teacher_state, change, message):
     path = _teacher_variant(tmp_path, teacher_state, change)
     with pytest.raises(BrainDINOError) as error:
-        load_encoder(path, device="cpu")
+        load_encoder(path, device="cpu", precision="fp32")
     assert message in str(error.value)
 
 
@@ -243,7 +243,7 @@ def test_memory_is_checked_before_any_weight_is_allocated(monkeypatch, teacher_c
     monkeypatch.setattr(Architecture, "build", recording_build)
     monkeypatch.setattr(memory, "available_memory", lambda device: 64 << 20)
     with pytest.raises(BrainDINOError, match=r"has 2.6 M parameters and needs about 0.3 GiB .* only 0.1 GiB") as error:
-        load_encoder(teacher_checkpoint, device="cpu")
+        load_encoder(teacher_checkpoint, device="cpu", precision="fp32")
     assert str(error.value).startswith(str(teacher_checkpoint)) and "\n" not in str(error.value)
     assert built_on == ["meta"]  # shapes only: nothing was materialised
 
@@ -285,7 +285,7 @@ def test_dinov3_7b_layout_loads_as_timm_defines_it(tmp_path):
     meta.update({"rope_embed.periods": 100.0 ** (2 * torch.arange(16) / 32), "mask_token": torch.zeros(1, 128),
                  "local_cls_norm.weight": torch.ones(128), "local_cls_norm.bias": torch.zeros(128)})
     torch.save(meta, tmp_path / "dinov3_vit7b16_pretrain_lvd1689m.pth")
-    encoder = load_encoder(tmp_path / "dinov3_vit7b16_pretrain_lvd1689m.pth", device="cpu")
+    encoder = load_encoder(tmp_path / "dinov3_vit7b16_pretrain_lvd1689m.pth", device="cpu", precision="fp32")
     arch = encoder.architecture
     assert (arch.ffn, arch.ffn_hidden_dim, arch.qkv_bias, arch.num_heads, arch.norm_eps) == \
         ("swiglu", 256, False, 2, 1e-5)
@@ -300,7 +300,7 @@ def test_dinov2_g_layout_loads_as_timm_defines_it(tmp_path):
                                               mlp_ratio=688 / 128, img_size=84, num_classes=0), seed=14)
     meta = {k.replace("mlp.fc1", "mlp.w12").replace("mlp.fc2", "mlp.w3"): v for k, v in reference.state_dict().items()}
     torch.save(dict(meta, mask_token=torch.zeros(1, 128)), tmp_path / "dinov2_vitg14_pretrain.pth")
-    encoder = load_encoder(tmp_path / "dinov2_vitg14_pretrain.pth", device="cpu")
+    encoder = load_encoder(tmp_path / "dinov2_vitg14_pretrain.pth", device="cpu", precision="fp32")
     arch = encoder.architecture
     assert (encoder.checkpoint.kind, arch.ffn, arch.ffn_hidden_dim, arch.pos_embed_grid) == \
         ("dinov2-state-dict", "swiglu-packed", 344, 6)

@@ -19,14 +19,14 @@ CHECKPOINTS = reference_checkpoints()
 
 
 def _config(folder: str, *overrides: str):
-    patch = load_encoder(CHECKPOINTS[folder], device="cpu").patch_size
+    patch = load_encoder(CHECKPOINTS[folder], device="cpu", precision="fp32").patch_size
     return load_config(MICRO_CONFIG, [f"model.init_from={CHECKPOINTS[folder]}", f"crops.global_size={4 * patch}",
                                       f"crops.local_size={2 * patch}", *overrides])
 
 
 @pytest.mark.parametrize("folder", sorted(CHECKPOINTS))
 def test_the_student_starts_as_the_engines_encoder(folder):
-    encoder = load_encoder(CHECKPOINTS[folder], device="cpu")
+    encoder = load_encoder(CHECKPOINTS[folder], device="cpu", precision="fp32")
     config = _config(folder)
     network = build_network(config.model, config.loss).eval()
     assert network.architecture == encoder.architecture
@@ -53,7 +53,7 @@ def test_a_continued_run_exports_what_it_trained(folder, tmp_path, tmp_path_fact
     with torch.no_grad():
         expected = backbone_tokens(teacher.backbone, images)
     for kind, tolerance in (("teacher", 0.0), ("safetensors", 2e-2)):  # float32 / float16 files
-        encoder = load_encoder(result.exported[kind], device="cpu")
+        encoder = load_encoder(result.exported[kind], device="cpu", precision="fp32")
         assert encoder.architecture == teacher.architecture  # eps and position resizing included
         tokens = encoder.tokens(images)
         torch.testing.assert_close(tokens.cls, expected[:, 0], rtol=0, atol=tolerance)

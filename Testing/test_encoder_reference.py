@@ -31,7 +31,7 @@ ARCHITECTURES = {
 
 @lru_cache(maxsize=None)
 def _encoder(folder: str) -> Encoder:
-    return load_encoder(CHECKPOINTS[folder], device="cpu")
+    return load_encoder(CHECKPOINTS[folder], device="cpu", precision="fp32")
 
 
 def _reference(folder: str, name: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -91,5 +91,5 @@ def test_timm_resizing_misses_meta_dinov2_without_registers():
     checkpoint = _encoder("dinov2_vits14").checkpoint
     timm_way = replace(checkpoint, architecture=replace(checkpoint.architecture, pos_embed_resize=BICUBIC_ANTIALIAS))
     images, expected = _reference("dinov2_vits14", "wide")
-    worst = _worst_errors(Encoder(load_backbone(timm_way), timm_way, torch.device("cpu")), images, expected)
+    worst = _worst_errors(Encoder(load_backbone(timm_way), timm_way, torch.device("cpu"), "fp32"), images, expected)
     assert worst["patches"] > 0.1, worst

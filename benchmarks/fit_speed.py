@@ -6,7 +6,7 @@ segments the whole volume. The baseline, measured in the same run, is embedding 
 should cost a small fraction of it.
 
     .venv/bin/python benchmarks/fit_speed.py [--model CHECKPOINT] [--image-size 224] [--layers 0,1,2]
-                                            [--spacing 1] [--threads 1] [--repeats 3]
+                                            [--spacing 1] [--threads 1] [--repeats 3] [--smoke]
 """
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 
-from BrainDINOLib import Volume, embed_volume, load_encoder
+from _common import read_resampled
+from BrainDINOLib import embed_volume, load_encoder
 from BrainDINOLib.resolution import DEFAULTS, ResolutionPolicy
 from BrainDINOLib.heads import few_shot_segment, segment
 from BrainDINOLib.heads.metrics import dice_per_class
@@ -27,15 +27,6 @@ from BrainDINOLib.atlas import COLIN27_AAL, COLIN27_T1, merge_aal_into_lobes
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO.parent / "shared" / "fixtures" / "dinov3_teacher" / "teacher_checkpoint.pth"
-
-
-def read_resampled(path: Path, spacing: float, labels: bool) -> Volume:
-    image = sitk.ReadImage(str(path), sitk.sitkUInt8 if labels else sitk.sitkFloat32)
-    if spacing != 1.0:
-        size = [int(round(n / spacing)) for n in image.GetSize()]
-        image = sitk.Resample(image, size, sitk.Transform(), sitk.sitkNearestNeighbor if labels else sitk.sitkLinear,
-                              image.GetOrigin(), [spacing] * 3, image.GetDirection())
-    return Volume.from_image(image, str(path))
 
 
 def main() -> None:
@@ -46,7 +37,11 @@ def main() -> None:
     parser.add_argument("--spacing", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--smoke", action="store_true",
+                        help="16-mm patches, 4 mm voxels, one thread, one repeat: checks that the script runs")
     args = parser.parse_args()
+    if args.smoke:
+        args.patch_mm, args.spacing, args.threads, args.repeats = 16.0, 4.0, 1, 1
     torch.set_num_threads(args.threads)
     encoder = load_encoder(args.model, device="cpu")
     volume = read_resampled(COLIN27_T1, args.spacing, labels=False)

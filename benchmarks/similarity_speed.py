@@ -11,24 +11,26 @@ Measured in the same run:
   `VolumeFeatures.to_volume` of one per-patch map (torch bilinear), and one copy of a voxel volume (the floor:
   touching every output voxel once).
 
-    .venv/bin/python benchmarks/similarity_speed.py [--points 40]
+    .venv/bin/python benchmarks/similarity_speed.py [--points 40] [--smoke]
 """
 from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from _common import TINY
 from BrainDINOLib import Architecture, embed_volume, read_volume
 from BrainDINOLib.atlas import COLIN27_T1
 from BrainDINOLib.checkpoints import ModelCard, save_safetensors
 from BrainDINOLib.encoder import load_encoder
 from BrainDINOLib.maps import SimilarityIndex, similarity_map
-from BrainDINOLib.resolution import DEFAULTS
+from BrainDINOLib.resolution import DEFAULTS, ResolutionPolicy
 
 WIDE = Architecture(family="dinov3", embed_dim=768, depth=1, num_heads=12, patch_size=16)
 
@@ -45,13 +47,19 @@ def milliseconds(function, repeats: int) -> np.ndarray:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--points", type=int, default=40, help="random points to map")
-    parser.add_argument("--work", type=Path, default=Path("/tmp/braindino-bench"))
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "braindino-bench")
+    parser.add_argument("--smoke", action="store_true",
+                        help="a narrow model at 16-mm patches, 3 points, one thread: checks that the script runs")
     args = parser.parse_args()
+    architecture, policy = WIDE, DEFAULTS["cpu"]
+    if args.smoke:
+        architecture, policy, args.points = TINY, ResolutionPolicy(patch_mm=16.0), 3
+        torch.set_num_threads(1)
     torch.manual_seed(0)
-    checkpoint = save_safetensors(WIDE.build(), ModelCard("dinov3-width768-random", WIDE),
-                                  args.work / "width768.safetensors", dtype=torch.float32)
+    checkpoint = save_safetensors(architecture.build(), ModelCard("similarity-bench-random", architecture),
+                                  args.work / f"width{architecture.embed_dim}.safetensors", dtype=torch.float32)
     volume = read_volume(COLIN27_T1)
-    features = embed_volume(volume, load_encoder(checkpoint, device="cpu"), policy=DEFAULTS["cpu"])
+    features = embed_volume(volume, load_encoder(checkpoint, device="cpu"), policy=policy)
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}; features: {features.num_slices} slices x {features.grid} patches "
           f"x {features.patches.shape[-1]} dims; volume {volume.shape}")
 

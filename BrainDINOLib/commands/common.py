@@ -69,6 +69,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     the resolution (see `BrainDINOLib.resolution`)."""
     parser.add_argument("--model", default="demo", help="checkpoint file or built-in model name (default: demo)")
     parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    parser.add_argument("--precision", choices=("auto", "fp32", "int8", "bf16"), default="auto",  # inference.PRECISIONS
+                        help="how the encoder computes (default auto: int8 on an x86 CPU, bf16 on CUDA, fp32 "
+                             "elsewhere); fp32 reproduces the reference features exactly")
     parser.add_argument("--batch-size", type=int_between(1), default=None,
                         help="slices per batch (default: from free memory)")
     parser.add_argument("--no-cache", action="store_true", help="neither read nor write the feature cache")
@@ -115,7 +118,7 @@ def open_session(args: argparse.Namespace):
     from ..encoder import load_encoder
     from ..session import FeatureSession
 
-    encoder = load_encoder(args.model, device=args.device)
+    encoder = load_encoder(args.model, device=args.device, precision=args.precision)
     session = FeatureSession.for_encoder(encoder, policy_from_args(args, encoder.device.type), feature_cache(args),
                                          args.batch_size)
     print(f"features: {session.describe()}", flush=True)

@@ -20,7 +20,7 @@ def run_demo_command(args: argparse.Namespace) -> int:
     device = args.device or "cpu"
     policy = policy_from_args(args, select_device(device).type)
     config = DemoConfig(model=args.model, device=device, policy=policy, batch_size=args.batch_size,
-                        clusters=args.clusters, labelled_slices=args.labelled_slices)
+                        clusters=args.clusters, labelled_slices=args.labelled_slices, precision=args.precision)
     print(f"BrainDINO demo on {config.volume.name} with model {args.model}, point: {config.point.name} "
           f"(RAS {config.point.ras} mm)")
     print(f"features: {policy.describe()} on {device}")

@@ -151,7 +151,7 @@ def tissue_probe(session: FeatureSession, t1: Volume, labels: np.ndarray,
         split = choose_slices(features.covered, labels)
         cell_sets: dict[str, Tensor] = {f"model ({session.encoder.model_id})": features.patches}
         for name, backbone in untrained_backbones(session.encoder).items() if baselines else ():
-            twin = Encoder(backbone, session.encoder.checkpoint, session.encoder.device)
+            twin = Encoder(backbone, session.encoder.checkpoint, session.encoder.device, session.encoder.precision)
             cell_sets[name] = FeatureSession.for_encoder(twin, session.policy).features(t1).patches
         if baselines:
             cell_sets["raw intensity patches"] = raw_patch_features(session.slice_stack(t1), session.encoder.patch_size)

@@ -188,9 +188,11 @@ def _pretrain(config: TrainConfig, context: Distributed, resume: bool,
              len(shards), start, optim.steps, context.world_size, optim.batch_size)
 
     started = time.perf_counter()
-    window_start, window_images = started, 0
+    window_start, window_images, window_wait = started, 0, 0.0
+    ready = started  # when the loop last asked the loader for a batch
     values = {"loss": torch.tensor(float("nan"))}
     for step, batch in zip(range(start, optim.steps), loader):
+        window_wait += time.perf_counter() - ready
         if cancel is not None and cancel():
             if context.is_main:
                 _save_checkpoint(checkpoint_path, step, student, teacher, optimizer, losses, config)
@@ -213,17 +215,19 @@ def _pretrain(config: TrainConfig, context: Distributed, resume: bool,
                    "teacher_temperature": round(step_values.teacher_temperature, 6),
                    "grad_norm": round(float(values["grad_norm"]), 4),
                    "images_per_s": round(window_images / max(now - window_start, 1e-9), 3),
+                   "data_wait": round(window_wait / max(now - window_start, 1e-9), 4),  # share spent waiting
                    "elapsed_s": round(now - started, 1)}
             metrics.add(row)
             log.info("step %d/%d loss %.4f (dino %.4f ibot %.4f koleo %.4f) lr %.2e %.1f img/s", done, optim.steps,
                      row["loss"], row["dino"], row["ibot"], row["koleo"], row["lr"], row["images_per_s"])
-            window_start, window_images = now, 0
+            window_start, window_images, window_wait = now, 0, 0.0
         if done % run.checkpoint_every == 0 or done == optim.steps:
             if context.is_main:
                 _save_checkpoint(checkpoint_path, done, student, teacher, optimizer, losses, config)
             context.barrier()
         if progress is not None:
             progress(done, optim.steps)
+        ready = time.perf_counter()
 
     seconds = time.perf_counter() - started
     final_loss = float(values["loss"])
