@@ -61,7 +61,8 @@ def test_config_reads_yaml_applies_overrides_and_names_unknown_keys(tmp_path):
 
 def test_step_batches_are_a_pure_function_of_seed_step_and_rank(shards):
     config = load_config(MICRO_CONFIG)
-    make = lambda rank: StepBatches(shards, config.crops, config.loss, 4, 16, 1, seed=5, rank=rank, world_size=2)
+    make = lambda rank: StepBatches(shards, None, 0, config.crops, config.loss, 4, 16, 1, seed=5, rank=rank,
+                                    world_size=2)
     first, again, other_rank = make(0)[3], make(0)[3], make(1)[3]
     assert first.global_crops.shape == (8, 1, 64, 64) and first.local_crops.shape == (8, 1, 32, 32)
     assert first.masks.shape == (8, 16) and int(first.masks.any(dim=1).sum()) == 4

@@ -11,7 +11,7 @@ from BrainDINOLib.atlas import MNI152_GM, MNI152_T1, MNI152_WM
 from BrainDINOLib.embedding import default_preprocessing
 from BrainDINOLib.training.probe import (choose_slices, patch_majority_labels, patch_probe_dice, tissue_probe,
                                          voxel_probe_dice)
-from BrainDINOLib.training.tissue import tissue_classes
+from BrainDINOLib.tissue import tissue_classes
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """Tissue probe: do an encoder's frozen patch tokens know brain tissue?
 
-Targets: background / CSF / GM / WM of the MNI152 2009a template (rule in `tissue.py`). Inputs: the MNI152 T1
+Targets: background / CSF / GM / WM of the MNI152 2009a template (rule in `BrainDINOLib/tissue.py`). Inputs: the MNI152 T1
 through the engine's `SliceStack`. 40 axial slices evenly spread over the brain; every 4th (10) trains, the
 other 30 are scored. Two probes, both linear on standardised patch tokens and the same for every feature set:
 
@@ -36,7 +36,7 @@ from ..threads import torch_threads
 from ..volume import Volume
 from .config import config_from_dict
 from .model import build_network
-from .tissue import CLASS_NAMES
+from ..tissue import CLASS_NAMES
 
 log = logging.getLogger(__name__)
 
