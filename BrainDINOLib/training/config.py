@@ -41,9 +41,9 @@ class SyntheticConfig:
     rotation_deg: float = 10.0  # in-plane
     scaling: float = 0.1  # relative, per in-plane axis
     elastic_mm: float = 2.0  # std of the smooth displacement
-    low_resolution_probability: float = 0.5
+    low_resolution_probability: float = 0.5  # a thick-slice or anisotropic acquisition
     max_spacing_mm: float = 5.0  # thickest slice and coarsest in-plane axis of a low-resolution acquisition
-    bias: float = 0.4  # largest amplitude of the log bias field
+    bias: float = 0.3  # largest std of the log bias field
     noise: tuple[float, float] = (0.0, 0.04)  # Rician noise std relative to the brightest structure
 
 

@@ -214,8 +214,9 @@ class SyntheticBrains:
         if stripped:
             signals["head"][:] = 0.0
         frame = anatomy.brain if stripped else anatomy.head
-        fractions, regions, pixel_mm = self._plane(frame, rng)
-        raw = self._render(fractions, regions, signals, pixel_mm, rng)
+        low_resolution = rng.random() < c.low_resolution_probability
+        fractions, regions, pixel_mm = self._plane(frame, low_resolution, rng)
+        raw = self._render(fractions, regions, signals, pixel_mm, low_resolution, rng)
         low, high, mean, std = self._volume_statistics(frame, signals)
         image = (np.clip(raw, low, high) - mean) / std
         tissue = np.concatenate([1 - fractions[:3].sum(0, keepdims=True), fractions[:3]]).argmax(0)
@@ -225,21 +226,27 @@ class SyntheticBrains:
     # ---- contrast ----------------------------------------------------------------------------------------
 
     def _signals(self, contrast: str, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        """Per-region signals: "csf" [1], "gm" and "wm" [regions + 1], "head" [3] (relative units, 0..~1)."""
+        """Per-region signals: "csf" [1], "gm" and "wm" [regions + 1], "head" [3] (relative units, 0..~1).
+
+        Grey matter has one signal per region; white matter two, cerebral and cerebellar (white matter has no
+        lobe boundaries)."""
         count = len(REGIONS) + 1  # index 0 (air) is never brain
+        cerebellum = np.arange(count) == list(REGIONS).index("cerebellum") + 1
         if contrast == "random":  # SynthSeg: every structure its own uniform intensity
-            return {"csf": rng.uniform(0, 1, 1), "gm": rng.uniform(0, 1, count), "wm": rng.uniform(0, 1, count),
-                    "head": rng.uniform(0, 1, len(HEAD_CLASSES))}
+            cerebral_wm, cerebellar_wm = rng.uniform(0, 1, 2)
+            return {"csf": rng.uniform(0, 1, 1), "gm": rng.uniform(0, 1, count),
+                    "wm": np.where(cerebellum, cerebellar_wm, cerebral_wm), "head": rng.uniform(0, 1, len(HEAD_CLASSES))}
         base = SIGNALS[contrast]
         towards_wm = np.array([0.0, *(mix for _, mix in REGIONS.values())])
         jitter = lambda n: 1 + rng.uniform(-self.config.structure_jitter, self.config.structure_jitter, n)
         gm = (base["gm"] + towards_wm * (base["wm"] - base["gm"])) * jitter(count)
-        return {"csf": base["csf"] * jitter(1), "gm": gm, "wm": base["wm"] * jitter(count),
+        cerebral_wm, cerebellar_wm = base["wm"] * jitter(2)
+        return {"csf": base["csf"] * jitter(1), "gm": gm, "wm": np.where(cerebellum, cerebellar_wm, cerebral_wm),
                 "head": np.asarray(HEAD_SIGNALS[contrast]) * jitter(len(HEAD_CLASSES))}
 
     # ---- geometry ------------------------------------------------------------------------------------------
 
-    def _plane(self, frame: Frame, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, float]:
+    def _plane(self, frame: Frame, low_resolution: bool, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, float]:
         """Fractions [4, S, S], regions [S, S] and the pixel size (mm) of a random oblique plane, framed as
         `SliceStack` frames the foreground."""
         c, anatomy, size = self.config, self.anatomy, self.image_size
@@ -252,7 +259,7 @@ class SyntheticBrains:
         offsets = (np.arange(size) + 0.5 - size / 2) * pixel
         v, u = np.meshgrid(offsets, offsets, indexing="ij")  # v along rows (y), u along columns (x), mm
         scale = 1 + rng.uniform(-c.scaling, c.scaling, 2)
-        thickness = rng.uniform(1.0, c.max_spacing_mm) if rng.random() < c.low_resolution_probability else 1.0
+        thickness = rng.uniform(1.0, c.max_spacing_mm) if low_resolution else 1.0
         depths = np.linspace(-thickness / 3, thickness / 3, 3) if thickness > 2 else np.zeros(1)
         rotation = _rotation(np.deg2rad(rng.uniform(-c.tilt_deg, c.tilt_deg, 2)),
                              np.deg2rad(rng.uniform(-c.rotation_deg, c.rotation_deg)))
@@ -270,7 +277,7 @@ class SyntheticBrains:
     # ---- rendering -----------------------------------------------------------------------------------------
 
     def _render(self, fractions: np.ndarray, regions: np.ndarray, signals: dict[str, np.ndarray], pixel_mm: float,
-                rng: np.random.Generator) -> np.ndarray:
+                low_resolution: bool, rng: np.random.Generator) -> np.ndarray:
         """Signals mixed by fractions, texture, resolution, bias field, Rician noise: a raw image [S, S]."""
         c = self.config
         brain_region, head_class = _split_regions(regions.astype(np.int64))
@@ -278,15 +285,15 @@ class SyntheticBrains:
                  + fractions[2] * signals["wm"][brain_region] + fractions[3] * signals["head"][head_class])
         peak = max(float(image.max()), 1e-6)
         image = image * (1 + c.texture * rng.standard_normal(image.shape))
-        image = self._resolution(image, pixel_mm, rng)
-        image = image * bias_field(image.shape, rng, rng.uniform(0, c.bias))
+        image = self._resolution(image, pixel_mm, rng) if low_resolution else ndimage.gaussian_filter(image, 0.5)
+        # A bias field varies over the whole head: a few control points per axis (a 1/8-size field, upsampled).
+        coarse = bias_field((image.shape[0] // 8, image.shape[1] // 8), rng, rng.uniform(0, c.bias))
+        image = image * ndimage.zoom(coarse, [n / m for n, m in zip(image.shape, coarse.shape)], order=1)
         return add_rician_noise(image, rng, rng.uniform(*c.noise) * peak).astype(np.float32)
 
     def _resolution(self, image: np.ndarray, pixel_mm: float, rng: np.random.Generator) -> np.ndarray:
         """An acquisition's in-plane resolution: blur to each axis' voxel size, sample there, interpolate back."""
         c, size = self.config, image.shape[0]
-        if rng.random() >= c.low_resolution_probability:
-            return ndimage.gaussian_filter(image, 0.5)
         spacing = np.array([rng.uniform(1.0, c.max_spacing_mm), rng.uniform(1.0, 1.5)])[rng.permutation(2)]
         factors = np.maximum(spacing / pixel_mm, 1.0)
         blurred = ndimage.gaussian_filter(image, 0.42 * factors)  # FWHM = the voxel size
