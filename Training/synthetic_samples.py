@@ -54,7 +54,7 @@ def main() -> int:
     figure.suptitle(f"Synthetic training brains (labels: {', '.join(CLASS_NAMES[1:])})", fontsize=11)
     figure.tight_layout()
     with atomic_path(args.output) as tmp:
-        figure.savefig(tmp, dpi=72, format="png")
+        figure.savefig(tmp, dpi=60, format="png")
     print(f"wrote {args.output}")
     return 0
 
