@@ -78,7 +78,8 @@ def test_step_batches_are_a_pure_function_of_seed_step_and_rank(shards):
     assert float(first.global_crops.amax()) > 1.0 and float(first.global_crops.amin()) < -0.5
 
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) + (["mps"] if torch.backends.mps.is_available() else [])
+DEVICES = ["cpu"] + [name for name, available in (("cuda", torch.cuda.is_available()),
+                                                   ("mps", torch.backends.mps.is_available())) if available]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -113,7 +114,8 @@ def test_batched_augmentations_match_their_reference_definitions():
                                    rtol=1e-5)
         torch.testing.assert_close(scaled[i], torch.as_tensor(ScaleIntensityFixedMean(float(factor[i]) - 1)(crops[i])),
                                    atol=1e-5, rtol=1e-5)
-        expected = ndimage.gaussian_filter(crops[i, 0].numpy(), float(sigma[i]), mode="nearest", truncate=3 / float(sigma[i]))
+        expected = ndimage.gaussian_filter(crops[i, 0].numpy(), float(sigma[i]), mode="nearest",
+                                           truncate=3 / float(sigma[i]))
         np.testing.assert_allclose(blurred[i, 0].numpy(), expected, atol=1e-5)
     noise = hashed_normal(torch.tensor([7, 8, 2**61 + 5]), 128)
     assert torch.equal(noise, hashed_normal(torch.tensor([7, 8, 2**61 + 5]), 128))

@@ -25,7 +25,8 @@ from torch import Tensor
 
 from .config import CropConfig
 
-BIAS_DEGREE = 3  # Legendre polynomials up to this total degree, without the constant (9 terms)
+BIAS_DEGREE = 3  # Legendre polynomials up to this total degree, without the constant
+BIAS_TERMS = sum(1 for i in range(BIAS_DEGREE + 1) for j in range(BIAS_DEGREE + 1) if 1 <= i + j <= BIAS_DEGREE)
 _MASK32 = 0xFFFFFFFF
 
 
@@ -37,6 +38,13 @@ def _chosen(generator: torch.Generator, probability: float, count: int) -> Tenso
     return torch.rand(count, generator=generator, dtype=torch.float64) < probability
 
 
+def _sometimes(generator: torch.Generator, probability: float, value_range: tuple[float, float], count: int,
+               off: float) -> Tensor:
+    """Per crop: with `probability` a uniform value in `value_range`, else `off`."""
+    chosen = _chosen(generator, probability, count)
+    return torch.where(chosen, _uniform(generator, *value_range, count), off)
+
+
 @dataclass
 class CropParameters:
     """Everything random about `N` crops of one size. Identity values switch a step off for a crop."""
@@ -44,7 +52,7 @@ class CropParameters:
     source: Tensor  # [N] int64: the batch slice each crop is cut from
     theta: Tensor  # [N, 2, 3] float32: crop -> slice affine in normalised coordinates
     gamma: Tensor  # [N] float32 (1: off)
-    bias: Tensor  # [N, 9] float32 Legendre coefficients of the log bias field (0: off)
+    bias: Tensor  # [N, BIAS_TERMS] float32 Legendre coefficients of the log bias field (0: off)
     contrast: Tensor  # [N] float32 factor around the crop mean (1: off)
     blur_sigma: Tensor  # [N] float32, output pixels (0: off)
     noise_std: Tensor  # [N] float32 (0: off)
@@ -94,14 +102,13 @@ class MultiCrop:
     def _draw(self, slices: int, views: int, scale: tuple[float, float], generator: torch.Generator) -> CropParameters:
         c, count = self.config, slices * views
         theta = self._affines(count, scale, generator)
-        gamma = torch.where(_chosen(generator, c.gamma_probability, count), _uniform(generator, *c.gamma_range, count), 1.0)
-        signs = torch.where(torch.rand(count, 3 * BIAS_DEGREE, generator=generator) < 0.5, -1.0, 1.0)
-        magnitudes = _uniform(generator, *c.bias_field_coefficients, count * 3 * BIAS_DEGREE).view(count, -1)
+        gamma = _sometimes(generator, c.gamma_probability, c.gamma_range, count, 1.0)
+        signs = torch.where(torch.rand(count, BIAS_TERMS, generator=generator) < 0.5, -1.0, 1.0)
+        magnitudes = _uniform(generator, *c.bias_field_coefficients, count * BIAS_TERMS).view(count, -1)
         bias = signs * magnitudes * _chosen(generator, c.bias_field_probability, count)[:, None]
-        contrast = torch.where(_chosen(generator, c.contrast_probability, count),
-                               _uniform(generator, *c.contrast_range, count), 1.0)
-        blur = torch.where(_chosen(generator, c.blur_probability, count), _uniform(generator, *c.blur_sigma, count), 0.0)
-        noise = torch.where(_chosen(generator, c.noise_probability, count), _uniform(generator, 0.0, c.noise_std, count), 0.0)
+        contrast = _sometimes(generator, c.contrast_probability, c.contrast_range, count, 1.0)
+        blur = _sometimes(generator, c.blur_probability, c.blur_sigma, count, 0.0)
+        noise = _sometimes(generator, c.noise_probability, (0.0, c.noise_std), count, 0.0)
         keys = torch.randint(0, 2**62, (count,), generator=generator)
         return CropParameters(torch.arange(slices).repeat(views), theta.float(), gamma.float(), bias.float(),
                               contrast.float(), blur.float(), noise.float(), keys)
@@ -172,7 +179,7 @@ def bias_fields(coefficients: Tensor, size: int) -> Tensor:
 
 
 def legendre_basis(size: int, device: torch.device) -> Tensor:
-    """[9, S, S]: P_i(y) P_j(x) for 1 <= i + j <= 3 on pixel centres in [-1, 1]."""
+    """[BIAS_TERMS, S, S]: P_i(y) P_j(x) for 1 <= i + j <= BIAS_DEGREE on pixel centres in [-1, 1]."""
     t = torch.linspace(-1, 1, size, device=device)
     p = [torch.ones_like(t), t, (3 * t**2 - 1) / 2, (5 * t**3 - 3 * t) / 2]
     return torch.stack([p[i][:, None] * p[j][None, :] for i in range(BIAS_DEGREE + 1) for j in range(BIAS_DEGREE + 1)

@@ -1,8 +1,9 @@
 """Tissue probe: do an encoder's frozen patch tokens know brain tissue?
 
-Targets: background / CSF / GM / WM of the MNI152 2009a template (rule in `BrainDINOLib/tissue.py`). Inputs: the MNI152 T1
-through the engine's `SliceStack`. 40 axial slices evenly spread over the brain; every 4th (10) trains, the
-other 30 are scored. Two probes, both linear on standardised patch tokens and the same for every feature set:
+Targets: background / CSF / GM / WM of the MNI152 2009a template (rule in `BrainDINOLib/tissue.py`). Inputs:
+the MNI152 T1 through the engine's `SliceStack`. 40 axial slices evenly spread over the brain; every 4th (10)
+trains, the other 30 are scored. Two probes, both linear on standardised patch tokens and the same for every
+feature set:
 
 - voxel probe (DINOv2's linear segmentation protocol): a linear map from each token to class logits on the
   patch grid, upsampled bilinearly to the voxels and trained with voxel cross-entropy; scored by voxel Dice.

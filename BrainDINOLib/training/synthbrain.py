@@ -66,7 +66,8 @@ class Frame:
     """One foreground of the label maps (the whole head, or the brain alone for skull-stripped images) as
     `SliceStack` would see it: the slices it keeps, its in-plane extent, and the volume of every signal level.
 
-    `masses[i]` is the volume (voxels) of the structure whose signal is `levels(signals)[level_index[i]]`.
+    `masses[i]` is the volume (voxels) of the structure whose signal is level `level_index[i]` of the
+    concatenated [CSF per region, GM per region, WM per region, head per class] signals.
     """
 
     slices: np.ndarray  # z indices that `SliceStack` keeps (enough foreground)
@@ -85,14 +86,23 @@ class Frame:
         total = 3 * count + len(HEAD_CLASSES)
         masses = sum(np.bincount(index, weights=f[mask], minlength=total) for index, f in zip(indices, fractions))
         present = np.flatnonzero(masses > 0)
-        return cls(np.flatnonzero(area >= PreprocessConfig().min_slice_foreground * area.max()), (int(rows[0]), int(rows[-1]) + 1),
-                   (int(cols[0]), int(cols[-1]) + 1), masses[present], present)
+        kept = np.flatnonzero(area >= PreprocessConfig().min_slice_foreground * area.max())
+        return cls(kept, (int(rows[0]), int(rows[-1]) + 1), (int(cols[0]), int(cols[-1]) + 1), masses[present], present)
 
-    @staticmethod
-    def levels(signals: dict[str, np.ndarray]) -> np.ndarray:
-        """All signal levels: CSF per region, GM per region, WM per region, head per class."""
-        return np.concatenate([signals["csf"][:1].repeat(len(REGIONS) + 1), signals["gm"], signals["wm"],
-                               signals["head"]])
+    def statistics(self, signals: dict[str, np.ndarray], percentiles: tuple[float, float]) -> tuple[float, ...]:
+        """(low, high, mean, std): the percentile clip bounds, then the mean and std of the clipped foreground, of
+        the volume these signals render, as `SliceStack` measures a volume (from structure volumes, exactly)."""
+        levels = np.concatenate([signals["csf"][:1].repeat(len(REGIONS) + 1), signals["gm"], signals["wm"],
+                                 signals["head"]])
+        value = levels[self.level_index]
+        order = np.argsort(value)
+        cumulative = np.cumsum(self.masses[order]) / self.masses.sum()
+        low = float(value[order][np.searchsorted(cumulative, percentiles[0] / 100)])
+        high = float(value[order][min(np.searchsorted(cumulative, percentiles[1] / 100), len(order) - 1)])
+        clipped = np.clip(value, low, high)
+        mean = float((self.masses * clipped).sum() / self.masses.sum())
+        std = math.sqrt(float((self.masses * (clipped - mean) ** 2).sum() / self.masses.sum())) or 1.0
+        return low, high, mean, std
 
 
 def _split_regions(regions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -137,7 +147,8 @@ def load_anatomy(spacing: float = 1.0) -> Anatomy:
         image = sitk.Resample(sitk.ReadImage(str(path), pixel), grid, sitk.Transform(), interpolator, 0.0, pixel)
         return _canonical(image)
 
-    fractions = tissue_fractions(on_grid(MNI152_GM, sitk.sitkLinear) / 255.0, on_grid(MNI152_WM, sitk.sitkLinear) / 255.0)
+    gm, wm = (on_grid(path, sitk.sitkLinear) / 255.0 for path in (MNI152_GM, MNI152_WM))
+    fractions = tissue_fractions(gm, wm)
     brain = sum(fractions.values()) > 0  # the intracranial mask: CSF fills whatever GM and WM leave inside it
     aal = on_grid(COLIN27_AAL, sitk.sitkNearestNeighbor, sitk.sitkUInt8)
     colin = on_grid(COLIN27_T1, sitk.sitkLinear)
@@ -217,7 +228,7 @@ class SyntheticBrains:
         low_resolution = rng.random() < c.low_resolution_probability
         fractions, regions, pixel_mm = self._plane(frame, low_resolution, rng)
         raw = self._render(fractions, regions, signals, pixel_mm, low_resolution, rng)
-        low, high, mean, std = self._volume_statistics(frame, signals)
+        low, high, mean, std = frame.statistics(signals, self.preprocessing.clip_percentiles)
         image = (np.clip(raw, low, high) - mean) / std
         tissue = np.concatenate([1 - fractions[:3].sum(0, keepdims=True), fractions[:3]]).argmax(0)
         return SyntheticSlice(torch.from_numpy(image.astype(np.float32))[None], tissue.astype(np.uint8),
@@ -235,7 +246,8 @@ class SyntheticBrains:
         if contrast == "random":  # SynthSeg: every structure its own uniform intensity
             cerebral_wm, cerebellar_wm = rng.uniform(0, 1, 2)
             return {"csf": rng.uniform(0, 1, 1), "gm": rng.uniform(0, 1, count),
-                    "wm": np.where(cerebellum, cerebellar_wm, cerebral_wm), "head": rng.uniform(0, 1, len(HEAD_CLASSES))}
+                    "wm": np.where(cerebellum, cerebellar_wm, cerebral_wm),
+                    "head": rng.uniform(0, 1, len(HEAD_CLASSES))}
         base = SIGNALS[contrast]
         towards_wm = np.array([0.0, *(mix for _, mix in REGIONS.values())])
         jitter = lambda n: 1 + rng.uniform(-self.config.structure_jitter, self.config.structure_jitter, n)
@@ -246,7 +258,8 @@ class SyntheticBrains:
 
     # ---- geometry ------------------------------------------------------------------------------------------
 
-    def _plane(self, frame: Frame, low_resolution: bool, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, float]:
+    def _plane(self, frame: Frame, low_resolution: bool,
+               rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, float]:
         """Fractions [4, S, S], regions [S, S] and the pixel size (mm) of a random oblique plane, framed as
         `SliceStack` frames the foreground."""
         c, anatomy, size = self.config, self.anatomy, self.image_size
@@ -299,22 +312,6 @@ class SyntheticBrains:
         blurred = ndimage.gaussian_filter(image, 0.42 * factors)  # FWHM = the voxel size
         small = ndimage.zoom(blurred, 1 / factors, order=1)
         return ndimage.zoom(small, [size / n for n in small.shape], order=1)[:size, :size]
-
-    # ---- normalisation -------------------------------------------------------------------------------------
-
-    def _volume_statistics(self, frame: Frame, signals: dict[str, np.ndarray]) -> tuple[float, float, float, float]:
-        """Percentile clip bounds, mean and std of the rendered volume's foreground, from the structures'
-        volumes and their signals, as `SliceStack` would measure them on the whole volume."""
-        value = Frame.levels(signals)[frame.level_index]
-        order = np.argsort(value)
-        cumulative = np.cumsum(frame.masses[order]) / frame.masses.sum()
-        low_p, high_p = (p / 100 for p in self.preprocessing.clip_percentiles)
-        low = float(value[order][np.searchsorted(cumulative, low_p)])
-        high = float(value[order][min(np.searchsorted(cumulative, high_p), len(order) - 1)])
-        clipped = np.clip(value, low, high)
-        mean = float((frame.masses * clipped).sum() / frame.masses.sum())
-        std = math.sqrt(float((frame.masses * (clipped - mean) ** 2).sum() / frame.masses.sum())) or 1.0
-        return low, high, mean, std
 
 
 def _rotation(tilt: np.ndarray, spin: float) -> np.ndarray:

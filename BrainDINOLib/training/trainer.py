@@ -157,7 +157,8 @@ def _pretrain(config: TrainConfig, context: Distributed, resume: bool,
         if not data.shards:
             raise BrainDINOError("config", "data.shards is not set (a folder written by braindino prepare-slices)")
         shards = SliceShards(data.shards)
-    preprocessing = shards.preprocessing if shards is not None else PreprocessConfig(image_size=config.synthetic.image_size)
+    preprocessing = (shards.preprocessing if shards is not None
+                     else PreprocessConfig(image_size=config.synthetic.image_size))
     synthetic = SyntheticBrains(config.synthetic, preprocessing.image_size, preprocessing) if synthetic_slices else None
     output = Path(run.output_dir)
     if context.is_main:
@@ -250,8 +251,9 @@ def _pretrain(config: TrainConfig, context: Distributed, resume: bool,
         metrics.close()
         if metrics.rows:
             plot_loss_curves(metrics.path, output / "loss_curves.png", f"{architecture.describe()}")
-        provenance = {"steps": optim.steps, "processes": context.world_size, "slices": len(shards) if shards is not None else 0,
-                      "volumes": [v["path"] for v in shards.index["volumes"]] if shards is not None else [],
+        volumes = [v["path"] for v in shards.index["volumes"]] if shards is not None else []
+        provenance = {"steps": optim.steps, "processes": context.world_size,
+                      "slices": len(shards) if shards is not None else 0, "volumes": volumes,
                       "synthetic_slices_per_step": synthetic_slices, "config": config.to_dict(),
                       "final_loss": final_loss}
         exported = export_teacher(teacher, output / "export", run.export_name, preprocessing, provenance,
