@@ -204,18 +204,22 @@ def gaussian_blur(crops: Tensor, sigma: Tensor, radius: int) -> Tensor:
     return x.transpose(0, 1)
 
 
-def _mul32(x: Tensor, constant: int) -> Tensor:
-    """(x * constant) mod 2^32 for 0 <= x < 2^32 without int64 overflow (16-bit halves of the constant)."""
-    return (x * (constant & 0xFFFF) + (((x * (constant >> 16)) & 0xFFFF) << 16)) & _MASK32
+def _mul32_(x: Tensor, constant: int, scratch: Tensor) -> Tensor:
+    """x <- (x * constant) mod 2^32, in place, for 0 <= x < 2^32 without int64 overflow (the constant is split
+    into 16-bit halves); `scratch` is a work tensor of x's shape."""
+    torch.mul(x, constant >> 16, out=scratch)
+    scratch.bitwise_and_(0xFFFF).bitwise_left_shift_(16)
+    return x.mul_(constant & 0xFFFF).add_(scratch).bitwise_and_(_MASK32)
 
 
-def _hash32(x: Tensor) -> Tensor:
-    """A 32-bit integer mixer (Wellons' lowbias32): every input bit changes about half the output bits."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
+def _hash32_(x: Tensor, scratch: Tensor) -> Tensor:
+    """x <- a 32-bit integer mix of x, in place (Wellons' lowbias32: every input bit flips about half the
+    output bits)."""
+    x.bitwise_xor_(x >> 16)
+    _mul32_(x, 0x7FEB352D, scratch)
+    x.bitwise_xor_(x >> 15)
+    _mul32_(x, 0x846CA68B, scratch)
+    return x.bitwise_xor_(x >> 16)
 
 
 def hashed_normal(keys: Tensor, size: int) -> Tensor:
@@ -223,10 +227,13 @@ def hashed_normal(keys: Tensor, size: int) -> Tensor:
     (Box-Muller on two hashed 24-bit uniforms): the same numbers on every device."""
     index = torch.arange(size * size, device=keys.device, dtype=torch.int64)[None]
     low, high = (keys & _MASK32)[:, None], ((keys >> 32) & _MASK32)[:, None]
-    first = _hash32(_hash32(2 * index ^ low) ^ high)
-    second = _hash32(_hash32((2 * index + 1) ^ low) ^ high)
-    u1 = ((first >> 8).float() + 0.5) / 2**24
-    u2 = (second >> 8).float() / 2**24
+    uniforms = []
+    for offset in (0, 1):  # hash(hash((2 i + offset) ^ low) ^ high)
+        x = (2 * index + offset) ^ low
+        scratch = torch.empty_like(x)
+        _hash32_(_hash32_(x, scratch).bitwise_xor_(high), scratch)
+        uniforms.append((x >> 8).float() / 2**24)
+    u1, u2 = uniforms[0] + 0.5 / 2**24, uniforms[1]
     normal = torch.sqrt(-2 * torch.log(u1)) * torch.cos(2 * math.pi * u2)
     return normal.view(-1, 1, size, size)
 
