@@ -13,7 +13,7 @@ import torch
 from training_helpers import (MICRO_CONFIG, REPO, environment, micro_shards, single_thread,  # noqa: F401
                               two_mm_brain)
 
-from BrainDINOLib import BrainDINOError, PreprocessConfig, SliceStack, read_volume
+from BrainDINOLib import BrainDINOError, PreprocessConfig, SliceStack, load_encoder, read_volume
 from BrainDINOLib.training import SliceShards, load_config, prepare_slices
 from BrainDINOLib.training.augment import MultiCrop, adjust_gamma, gaussian_blur, hashed_normal, scale_contrast
 from BrainDINOLib.training.batches import StepBatches, StepSlices
@@ -134,6 +134,17 @@ def test_mixed_sources_fill_each_step_by_weight_from_seed_step_and_rank(shards):
     assert not torch.equal(make()[2].global_crops, first.global_crops)
 
 
+def test_a_synthetic_only_run_needs_no_shards(tmp_path):
+    from BrainDINOLib.training import pretrain
+
+    config = load_config(MICRO_CONFIG, ["data.shards_weight=0", "data.synthetic_weight=1", "synthetic.spacing_mm=2",
+                                        "synthetic.image_size=64", "optim.steps=1", f"run.output_dir={tmp_path}"])
+    result = pretrain(config, device="cpu")
+    card = load_encoder(result.exported["safetensors"], device="cpu").card
+    assert card.preprocessing["image_size"] == 64 and card.provenance["synthetic_slices_per_step"] == 4
+    assert card.provenance["slices"] == 0 and not (tmp_path / "shards").exists()
+
+
 def test_cli_prepares_slices_and_names_bad_pretraining_input(tmp_path, tmp_path_factory, capsys):
     from BrainDINOLib.cli import main
 
@@ -144,6 +155,8 @@ def test_cli_prepares_slices_and_names_bad_pretraining_input(tmp_path, tmp_path_
     assert "missing.yaml" in capsys.readouterr().err
     assert main(["pretrain", "--config", str(MICRO_CONFIG), "--set", f"data.shards={tmp_path}"]) == 2
     assert "not a slice-shard folder" in capsys.readouterr().err
+    assert main(["pretrain", "--config", str(MICRO_CONFIG), "--set", "data.shards_weight=0"]) == 2
+    assert "not both 0" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("script, arguments", [

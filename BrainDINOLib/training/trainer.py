@@ -24,7 +24,7 @@ from ..atomic import atomic_path, write_text_atomic
 from ..encoder import autocast_for
 from ..errors import BrainDINOError, CancelledError
 from ..slices import PreprocessConfig
-from .batches import StepBatches, StepSlices, collate_single, derive_seed, synthetic_count
+from .batches import StepBatch, StepBatches, StepSlices, collate_single, derive_seed, synthetic_count
 from .config import TrainConfig, config_from_dict
 from .distributed import Distributed, setup_distributed, teardown_distributed
 from .export import export_teacher
@@ -131,6 +131,25 @@ def _load_checkpoint(path: Path, student: DistillationNetwork, teacher: Distilla
     return int(state["step"])
 
 
+def _data_sources(config: TrainConfig) -> tuple[SliceShards | None, SyntheticBrains | None, int, PreprocessConfig]:
+    """The shards and the synthetic brains a config mixes (None when its weight is 0), how many of a step's
+    slices are synthetic, and the preprocessing the slices share."""
+    data, batch_size = config.data, config.optim.batch_size
+    try:
+        synthetic_slices = synthetic_count(batch_size, data.shards_weight, data.synthetic_weight)
+    except ValueError as error:
+        raise BrainDINOError("config", str(error)) from None
+    shards = None
+    if synthetic_slices < batch_size:
+        if not data.shards:
+            raise BrainDINOError("config", "data.shards is not set (a folder written by braindino prepare-slices)")
+        shards = SliceShards(data.shards)
+    preprocessing = (shards.preprocessing if shards is not None
+                     else PreprocessConfig(image_size=config.synthetic.image_size))
+    synthetic = SyntheticBrains(config.synthetic, preprocessing.image_size, preprocessing) if synthetic_slices else None
+    return shards, synthetic, synthetic_slices, preprocessing
+
+
 def pretrain(config: TrainConfig, resume: bool = False, device: str | None = None,
              progress: Callable[[int, int], None] | None = None,
              cancel: Callable[[], bool] | None = None) -> PretrainResult:
@@ -148,18 +167,7 @@ def _pretrain(config: TrainConfig, context: Distributed, resume: bool,
     if run.num_threads:
         torch.set_num_threads(run.num_threads)
     data = config.data
-    try:
-        synthetic_slices = synthetic_count(optim.batch_size, data.shards_weight, data.synthetic_weight)
-    except ValueError as error:
-        raise BrainDINOError("config", str(error)) from None
-    shards = None
-    if synthetic_slices < optim.batch_size:
-        if not data.shards:
-            raise BrainDINOError("config", "data.shards is not set (a folder written by braindino prepare-slices)")
-        shards = SliceShards(data.shards)
-    preprocessing = (shards.preprocessing if shards is not None
-                     else PreprocessConfig(image_size=config.synthetic.image_size))
-    synthetic = SyntheticBrains(config.synthetic, preprocessing.image_size, preprocessing) if synthetic_slices else None
+    shards, synthetic, synthetic_slices, preprocessing = _data_sources(config)
     output = Path(run.output_dir)
     if context.is_main:
         output.mkdir(parents=True, exist_ok=True)
