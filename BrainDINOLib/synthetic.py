@@ -55,6 +55,7 @@ SEQUENCES = tuple(SIGNALS)
 LESION_CLASSES = ("background", "oedema", "core")
 RENDERED = (*TISSUES, "oedema", "core")  # the fractions a case may hold, in the order of their signals
 
+
 @dataclass(frozen=True)
 class CaseConfig:
     """How strongly cases vary. Defaults give realistic but clearly different cases."""

@@ -65,8 +65,7 @@ def test_config_reads_yaml_applies_overrides_and_names_unknown_keys(tmp_path):
 
 def test_step_batches_are_a_pure_function_of_seed_step_and_rank(shards):
     config = load_config(MICRO_CONFIG)
-    make = lambda rank: StepBatches(shards, None, 0, config.crops, config.loss, 4, 16, 1, seed=5, rank=rank,
-                                    world_size=2)
+    make = lambda rank: StepBatches(shards, config.crops, config.loss, 4, 16, 1, seed=5, rank=rank, world_size=2)
     first, again, other_rank = make(0)[3], make(0)[3], make(1)[3]
     assert first.global_crops.shape == (8, 1, 64, 64) and first.local_crops.shape == (8, 1, 32, 32)
     assert first.masks.shape == (8, 16) and int(first.masks.any(dim=1).sum()) == 4
@@ -90,8 +89,7 @@ def test_crops_rendered_on_the_training_device_equal_the_loaders(shards, device)
     config = load_config(MICRO_CONFIG)
     crops = replace(config.crops, gamma_probability=1.0, bias_field_probability=1.0, contrast_probability=1.0,
                     blur_probability=1.0, noise_probability=1.0)
-    make = lambda in_loader: StepBatches(shards, None, 0, crops, config.loss, 4, 16, 1, seed=1,
-                                         render_in_loader=in_loader)
+    make = lambda in_loader: StepBatches(shards, crops, config.loss, 4, 16, 1, seed=1, render_in_loader=in_loader)
     loaded, reference = make(False)[2], make(True)[2]
     assert isinstance(loaded, StepSlices) and loaded.slices.shape == (4, 1, 64, 64)
     rendered = make(False).render(loaded.to(device))
@@ -127,7 +125,8 @@ def test_batched_augmentations_match_their_reference_definitions():
 def test_mixed_sources_fill_each_step_by_weight_from_seed_step_and_rank(shards):
     config = load_config(MICRO_CONFIG)
     synthetic = SyntheticBrains(SyntheticConfig(spacing_mm=2.0), shards.image_size)
-    make = lambda: StepBatches(shards, synthetic, 2, config.crops, config.loss, 4, 16, 1, seed=5)
+    make = lambda: StepBatches(shards, config.crops, config.loss, 4, 16, 1, seed=5, synthetic=synthetic,
+                               synthetic_slices=2)
     first, again = make()[1], make()[1]
     assert first.indices[2:].tolist() == [-1, -1] and (first.indices[:2] >= 0).all()
     assert torch.equal(first.global_crops, again.global_crops) and torch.equal(first.local_crops, again.local_crops)

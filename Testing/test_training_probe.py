@@ -34,7 +34,7 @@ def test_probes_on_features_that_are_the_answer(mni152):
     # Voxel Dice of patch-level knowledge is capped by the 16-px patches: GM and WM well above chance,
     # the thin CSF spaces far below 1.
     voxel = voxel_probe_dice(train, test, stack, labels, split)
-    assert voxel["GM"] > 0.7 and voxel["WM"] > 0.65 and voxel["CSF"] < 0.5
+    assert voxel["grey matter"] > 0.7 and voxel["white matter"] > 0.65 and voxel["CSF"] < 0.5
 
 
 @pytest.mark.slow

@@ -216,8 +216,8 @@ def main() -> None:
         print(f"\n2. demo recipe step ({demo.model.embed_dim}-dim x {demo.model.depth} blocks, "
               f"batch {demo.optim.batch_size}): seconds per step, data + compute")
         batch = demo.optim.batch_size
-        make = lambda count: StepBatches(shards, synthetic, count, demo.crops, demo.loss, batch,
-                                         demo.model.patch_size, demo.model.in_chans, seed=0)
+        make = lambda count: StepBatches(shards, demo.crops, demo.loss, batch, demo.model.patch_size,
+                                         demo.model.in_chans, seed=0, synthetic=synthetic, synthetic_slices=count)
         baseline = BaselineMultiCrop(demo.crops)
         recipes = {"baseline, shards only": (make(0), lambda b: (lambda step: baseline.batch(b, step))),
                    "CPU path, shards only": (make(0), lambda b: b.__getitem__),

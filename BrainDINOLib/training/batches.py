@@ -82,11 +82,12 @@ def synthetic_count(batch_size: int, shards_weight: float, synthetic_weight: flo
 
 class StepBatches(Dataset):
     """A map-style dataset whose item `step` is that step's `StepSlices` for this rank (or, with
-    `render_in_loader`, its rendered `StepBatch`)."""
+    `render_in_loader`, its rendered `StepBatch`). `synthetic_slices` of every step's `batch_size` slices come
+    from `synthetic`, the others from `shards` (which may be None when all are synthetic)."""
 
-    def __init__(self, shards: SliceShards | None, synthetic: SyntheticBrains | None, synthetic_slices: int,
-                 crops: CropConfig, loss: LossConfig, batch_size: int, patch_size: int, in_chans: int, seed: int,
-                 rank: int = 0, world_size: int = 1, render_in_loader: bool = True):
+    def __init__(self, shards: SliceShards | None, crops: CropConfig, loss: LossConfig, batch_size: int,
+                 patch_size: int, in_chans: int, seed: int, rank: int = 0, world_size: int = 1, *,
+                 synthetic: SyntheticBrains | None = None, synthetic_slices: int = 0, render_in_loader: bool = True):
         if crops.global_size % patch_size or crops.local_size % patch_size:
             raise ValueError(f"crop sizes {crops.global_size}/{crops.local_size} must be multiples of the patch "
                              f"size {patch_size}")

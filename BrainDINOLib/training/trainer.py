@@ -196,9 +196,9 @@ def _pretrain(config: TrainConfig, context: Distributed, resume: bool,
 
     # Crops are rendered on an accelerator when there is one (the workers only read or generate slices),
     # else in the loader (its workers, or this process when there are none).
-    batches = StepBatches(shards, synthetic, synthetic_slices, config.crops, config.loss, optim.batch_size,
-                          architecture.patch_size, architecture.in_chans, run.seed, context.rank, context.world_size,
-                          render_in_loader=context.device.type == "cpu")
+    batches = StepBatches(shards, config.crops, config.loss, optim.batch_size, architecture.patch_size,
+                          architecture.in_chans, run.seed, context.rank, context.world_size, synthetic=synthetic,
+                          synthetic_slices=synthetic_slices, render_in_loader=context.device.type == "cpu")
     workers = {"prefetch_factor": data.prefetch_factor, "persistent_workers": True} if data.num_workers else {}
     loader = DataLoader(batches, batch_size=None, sampler=range(start, optim.steps), collate_fn=collate_single,
                         num_workers=data.num_workers, pin_memory=context.device.type == "cuda", **workers)
