@@ -3,15 +3,15 @@
 There is no labelled clinical cohort here, so heads are tested and benchmarked on cases generated from real
 anatomy, with every target computed, never drawn by hand:
 
-- Anatomy: the MNI152 2009a template (tissue probability maps: grey matter, white matter; CSF = brain
-  minus both) and the Colin27 single-subject T1 with its AAL parcellation.
+- Anatomy: the MNI152 2009a tissue fractions (CSF, grey and white matter by the rule in `tissue.py`) and the
+  Colin27 single-subject T1 with its AAL parcellation.
 - Per case, one random spatial transform (rotation, anisotropic scaling, translation, and a smooth elastic
   displacement from smoothed random control points) is applied to the image and its labels alike.
 - Lesions: a tumour-like core with surrounding oedema (irregular nested ellipsoids, radius 3-15 mm,
   centred in white matter) replace the tissue they cover.
 - Simulated atrophy: a fraction `a` of grey matter becomes CSF (partial-volume thinning of the cortex).
-- Contrast rendering: an image is the tissue fractions times per-tissue intensities of a T1-, T2-,
-  FLAIR- or PD-like sequence (each intensity jittered per case), smoothed by a small point-spread
+- Contrast rendering: an image is the tissue fractions times per-tissue signals of a T1-, T2-,
+  FLAIR- or PD-like sequence (`tissue.SIGNALS`, each jittered per case), smoothed by a small point-spread
   function, multiplied by a smooth random bias field, with Rician noise. Colin27 cases keep the real T1
   and get a random gamma curve, bias field and noise.
 - Survival: the time to event is exponential with a hazard growing with lesion volume,
@@ -42,25 +42,19 @@ import SimpleITK as sitk
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
-from .atlas import COLIN27_AAL, COLIN27_T1, LOBES, MNI152_GM, MNI152_T1, MNI152_WM, aal_names, merge_aal_into_lobes
+from .atlas import COLIN27_AAL, COLIN27_T1, LOBES, MNI152_GM, MNI152_WM, aal_names, merge_aal_into_lobes
 from .atomic import write_text_atomic
 from .errors import BrainDINOError
+from .tissue import CLASS_NAMES, SIGNALS, TISSUES, tissue_fractions
 from .volume import Volume, write_volume
 
 log = logging.getLogger(__name__)
 
 TASKS = ("tissue", "lobes", "aal", "lesion", "sequence", "atrophy", "survival")
-SEQUENCES = ("T1", "T2", "FLAIR", "PD")
-TISSUE_CLASSES = ("background", "CSF", "grey matter", "white matter")
+SEQUENCES = tuple(SIGNALS)
 LESION_CLASSES = ("background", "oedema", "core")
+RENDERED = (*TISSUES, "oedema", "core")  # the fractions a case may hold, in the order of their signals
 
-# Relative intensity of each tissue per sequence (background is 0): CSF, GM, WM, oedema, lesion core.
-INTENSITIES = {
-    "T1": (0.25, 0.60, 0.85, 0.50, 0.35),
-    "T2": (1.00, 0.65, 0.45, 0.85, 0.70),
-    "FLAIR": (0.10, 0.70, 0.50, 1.00, 0.60),
-    "PD": (0.85, 0.80, 0.65, 0.90, 0.80),
-}
 
 @dataclass(frozen=True)
 class CaseConfig:
@@ -107,16 +101,13 @@ def _downsample(image: sitk.Image, spacing: float, interpolator: int) -> sitk.Im
 
 @lru_cache(maxsize=4)
 def mni_tissue(spacing: float) -> dict[str, sitk.Image]:
-    """MNI152 2009a fractions of CSF, GM and WM (sum <= 1; background is the rest), at `spacing` mm."""
-    t1 = _read(MNI152_T1)
-    arrays = {"gm": sitk.GetArrayFromImage(_read(MNI152_GM)) / 255.0,
-              "wm": sitk.GetArrayFromImage(_read(MNI152_WM)) / 255.0}
-    brain = sitk.GetArrayFromImage(t1) > 0
-    arrays["csf"] = np.clip(brain - arrays["gm"] - arrays["wm"], 0.0, 1.0)
+    """MNI152 2009a fractions of CSF, GM and WM (`tissue.tissue_fractions`), at `spacing` mm."""
+    gm = _read(MNI152_GM)
+    fractions = tissue_fractions(sitk.GetArrayFromImage(gm) / 255.0, sitk.GetArrayFromImage(_read(MNI152_WM)) / 255.0)
     out = {}
-    for name in ("csf", "gm", "wm"):
-        image = sitk.GetImageFromArray(arrays[name].astype(np.float32))
-        image.CopyInformation(t1)
+    for name in TISSUES:
+        image = sitk.GetImageFromArray(fractions[name])
+        image.CopyInformation(gm)
         out[name] = _downsample(image, spacing, sitk.sitkLinear)
     return out
 
@@ -200,9 +191,10 @@ def insert_lesion(fractions: dict[str, np.ndarray], rng: np.random.Generator, sp
 
 def render(fractions: dict[str, np.ndarray], sequence: str, rng: np.random.Generator, config: CaseConfig) -> np.ndarray:
     """A `sequence`-like image from tissue fractions (see module docstring), scaled to 0..~1000."""
-    levels = np.asarray(INTENSITIES[sequence]) * (1 + rng.uniform(-config.contrast_jitter, config.contrast_jitter, 5))
+    levels = np.array([SIGNALS[sequence][name] for name in RENDERED])
+    levels *= 1 + rng.uniform(-config.contrast_jitter, config.contrast_jitter, len(levels))
     image = np.zeros_like(fractions["wm"])
-    for level, name in zip(levels, ("csf", "gm", "wm", "oedema", "core")):
+    for level, name in zip(levels, RENDERED):
         if name in fractions:
             image += level * fractions[name]
     image = ndimage.gaussian_filter(image, 0.5)
@@ -281,7 +273,7 @@ def _colin_case(task: str, case_id: str, rng: np.random.Generator, config: CaseC
 def class_names_for(task: str) -> list[str] | None:
     """Names of the label values of a segmentation task (index = label value)."""
     if task == "tissue":
-        return list(TISSUE_CLASSES)
+        return list(CLASS_NAMES)
     if task in ("lesion", "survival"):
         return list(LESION_CLASSES)
     if task == "lobes":

@@ -17,7 +17,8 @@ from BrainDINOLib.heads import few_shot_segment, load_head, save_head, segment
 from BrainDINOLib.heads.head import module_state_equal
 from BrainDINOLib.heads.metrics import dice_per_class
 from BrainDINOLib.resolution import ResolutionPolicy
-from BrainDINOLib.synthetic import CaseConfig, TISSUE_CLASSES, generate_case
+from BrainDINOLib.synthetic import CaseConfig, generate_case
+from BrainDINOLib.tissue import CLASS_NAMES as TISSUE_CLASSES
 from BrainDINOLib.threads import torch_threads
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -12,10 +13,13 @@ import torch
 from training_helpers import (MICRO_CONFIG, REPO, environment, micro_shards, single_thread,  # noqa: F401
                               two_mm_brain)
 
-from BrainDINOLib import BrainDINOError, SliceStack, read_volume
+from BrainDINOLib import BrainDINOError, PreprocessConfig, SliceStack, load_encoder, read_volume
 from BrainDINOLib.resolution import ResolutionPolicy
 from BrainDINOLib.training import SliceShards, load_config, prepare_slices
-from BrainDINOLib.training.batches import StepBatches
+from BrainDINOLib.training.augment import MultiCrop, adjust_gamma, gaussian_blur, hashed_normal, scale_contrast
+from BrainDINOLib.training.batches import StepBatches, StepSlices
+from BrainDINOLib.training.config import SyntheticConfig
+from BrainDINOLib.training.synthbrain import SyntheticBrains
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +79,73 @@ def test_step_batches_are_a_pure_function_of_seed_step_and_rank(shards):
     assert float(first.global_crops.amax()) > 1.0 and float(first.global_crops.amin()) < -0.5
 
 
+DEVICES = ["cpu"] + [name for name, available in (("cuda", torch.cuda.is_available()),
+                                                   ("mps", torch.backends.mps.is_available())) if available]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_crops_rendered_on_the_training_device_equal_the_loaders(shards, device):
+    """The device path (the loader hands over slices + parameters, the trainer renders) gives the CPU path's
+    crops (rendered in the loader) up to float rounding, with every augmentation switched on; on this machine
+    the device is the CPU, on a GPU machine the same test runs on CUDA too."""
+    config = load_config(MICRO_CONFIG)
+    crops = replace(config.crops, gamma_probability=1.0, bias_field_probability=1.0, contrast_probability=1.0,
+                    blur_probability=1.0, noise_probability=1.0)
+    make = lambda in_loader: StepBatches(shards, crops, config.loss, 4, 16, 1, seed=1, render_in_loader=in_loader)
+    loaded, reference = make(False)[2], make(True)[2]
+    assert isinstance(loaded, StepSlices) and loaded.slices.shape == (4, 1, 64, 64)
+    rendered = make(False).render(loaded.to(device))
+    torch.testing.assert_close(rendered.global_crops.cpu(), reference.global_crops, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(rendered.local_crops.cpu(), reference.local_crops, atol=1e-4, rtol=1e-4)
+    assert torch.equal(rendered.masks.cpu(), reference.masks)
+
+
+def test_batched_augmentations_match_their_reference_definitions():
+    """Each batched op against the per-crop transform it replaces: gamma and contrast as MONAI defines them,
+    blur as scipy's Gaussian filter (edges replicated), noise standard normal and a pure function of its key."""
+    from monai.transforms import AdjustContrast, ScaleIntensityFixedMean
+    from scipy import ndimage
+
+    crops = torch.rand(3, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 4
+    gamma, factor, sigma = torch.tensor([0.7, 1.0, 1.5]), torch.tensor([0.8, 1.0, 1.2]), torch.tensor([0.3, 0.6, 1.0])
+    gammas, scaled, blurred = adjust_gamma(crops, gamma), scale_contrast(crops, factor), gaussian_blur(crops, sigma, 3)
+    for i in range(3):
+        torch.testing.assert_close(gammas[i], torch.as_tensor(AdjustContrast(float(gamma[i]))(crops[i])), atol=1e-5,
+                                   rtol=1e-5)
+        torch.testing.assert_close(scaled[i], torch.as_tensor(ScaleIntensityFixedMean(float(factor[i]) - 1)(crops[i])),
+                                   atol=1e-5, rtol=1e-5)
+        expected = ndimage.gaussian_filter(crops[i, 0].numpy(), float(sigma[i]), mode="nearest",
+                                           truncate=3 / float(sigma[i]))
+        np.testing.assert_allclose(blurred[i, 0].numpy(), expected, atol=1e-5)
+    noise = hashed_normal(torch.tensor([7, 8, 2**61 + 5]), 128)
+    assert torch.equal(noise, hashed_normal(torch.tensor([7, 8, 2**61 + 5]), 128))
+    assert abs(float(noise.mean())) < 0.02 and abs(float(noise.std()) - 1) < 0.02
+    assert abs(float(torch.corrcoef(noise.flatten(1))[0, 1])) < 0.02  # different keys, independent noise
+    assert float((noise.abs() > 3).float().mean()) == pytest.approx(0.0027, abs=0.001)  # normal tails
+
+
+def test_mixed_sources_fill_each_step_by_weight_from_seed_step_and_rank(shards):
+    config = load_config(MICRO_CONFIG)
+    synthetic = SyntheticBrains(SyntheticConfig(spacing_mm=2.0), shards.image_size)
+    make = lambda: StepBatches(shards, config.crops, config.loss, 4, 16, 1, seed=5, synthetic=synthetic,
+                               synthetic_slices=2)
+    first, again = make()[1], make()[1]
+    assert first.indices[2:].tolist() == [-1, -1] and (first.indices[:2] >= 0).all()
+    assert torch.equal(first.global_crops, again.global_crops) and torch.equal(first.local_crops, again.local_crops)
+    assert not torch.equal(make()[2].global_crops, first.global_crops)
+
+
+def test_a_synthetic_only_run_needs_no_shards(tmp_path):
+    from BrainDINOLib.training import pretrain
+
+    config = load_config(MICRO_CONFIG, ["data.shards_weight=0", "data.synthetic_weight=1", "synthetic.spacing_mm=2",
+                                        "synthetic.image_size=64", "optim.steps=1", f"run.output_dir={tmp_path}"])
+    result = pretrain(config, device="cpu")
+    card = load_encoder(result.exported["safetensors"], device="cpu").card
+    assert card.provenance["slice_size"] == 64 and card.provenance["synthetic_slices_per_step"] == 4
+    assert card.provenance["slices"] == 0 and not (tmp_path / "shards").exists()
+
+
 def test_cli_prepares_slices_and_names_bad_pretraining_input(tmp_path, tmp_path_factory, capsys):
     from BrainDINOLib.cli import main
 
@@ -85,6 +156,8 @@ def test_cli_prepares_slices_and_names_bad_pretraining_input(tmp_path, tmp_path_
     assert "missing.yaml" in capsys.readouterr().err
     assert main(["pretrain", "--config", str(MICRO_CONFIG), "--set", f"data.shards={tmp_path}"]) == 2
     assert "not a slice-shard folder" in capsys.readouterr().err
+    assert main(["pretrain", "--config", str(MICRO_CONFIG), "--set", "data.shards_weight=0"]) == 2
+    assert "not both 0" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("script, arguments", [
@@ -97,3 +170,10 @@ def test_training_scripts_name_bad_input_in_one_line(tmp_path, script, arguments
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "missing/checkpoint.pth" in result.stderr, result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_pretrain_data_benchmark_runs_in_smoke_mode(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "pretrain_data.py"), "--smoke"], cwd=tmp_path,
+                            env=environment(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "crops/s" in result.stdout and "CPU cores" in result.stdout and "data" in result.stdout

@@ -14,7 +14,7 @@ from BrainDINOLib.resolution import LEGACY, ResolutionPolicy
 from BrainDINOLib.session import FeatureSession
 from BrainDINOLib.training.probe import (choose_slices, patch_majority_labels, patch_probe_dice, tissue_probe,
                                          voxel_probe_dice)
-from BrainDINOLib.training.tissue import tissue_classes
+from BrainDINOLib.tissue import tissue_classes
 
 
 @pytest.fixture(scope="module")
@@ -35,12 +35,12 @@ def test_probes_on_features_that_are_the_answer(mni152, fixture_encoder, policy)
 
     train, test = answer(split.train), answer(split.test)
     assert patch_probe_dice(train, test, features.slices, labels, split)["mean"] == pytest.approx(1.0)
-    # Voxel Dice of patch-level knowledge is capped by the patches: GM and WM well above chance, the thin
-    # CSF spaces below 1. Guided by the image, 6-mm cells get far closer to the voxels than 16-mm ones
-    # upsampled bilinearly.
+    # Voxel Dice of patch-level knowledge is capped by the patches: grey and white matter well above chance,
+    # the thin CSF spaces below 1. Guided by the image, 6-mm cells get far closer to the voxels than 16-mm
+    # ones upsampled bilinearly.
     voxel = voxel_probe_dice(train, test, features.mapping, labels, split)
     print(policy.describe(), voxel)
-    assert voxel["GM"] > 0.7 and voxel["WM"] > 0.65
+    assert voxel["grey matter"] > 0.7 and voxel["white matter"] > 0.65
     assert voxel["CSF"] < 0.5 if policy == LEGACY else voxel["mean"] > 0.8
 
 

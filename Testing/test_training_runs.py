@@ -1,5 +1,6 @@
 """Whole pretraining runs of the micro model on real slices: two gloo processes under torchrun, SIGKILL and
-resume against an uninterrupted run, and the exported teacher read back by the engine."""
+resume (with synthetic brains mixed into every step) against an uninterrupted run, and the exported teacher read
+back by the engine."""
 from __future__ import annotations
 
 import csv
@@ -23,6 +24,7 @@ from BrainDINOLib.training.trainer import CHECKPOINT_NAME, state_digest
 from BrainDINOLib.training.model import build_network
 
 STEPS = 12
+MIXED = ["data.synthetic_weight=1.0", "synthetic.spacing_mm=2.0"]  # half of every step synthetic, coarse label maps
 
 
 def _tensors(state: dict, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -99,7 +101,8 @@ def test_exported_teacher_round_trips_through_load_encoder(two_process_run):
 def test_a_run_killed_with_sigkill_and_resumed_equals_an_uninterrupted_run(tmp_path, tmp_path_factory):
     shards = micro_shards(tmp_path_factory)
     killed = tmp_path / "killed"
-    process = subprocess.Popen(pretrain_command(shards, killed, steps=STEPS), env=environment(),
+    mixed = [argument for override in MIXED for argument in ("--set", override)]
+    process = subprocess.Popen(pretrain_command(shards, killed, *mixed, steps=STEPS), env=environment(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 180
     while not (killed / CHECKPOINT_NAME).exists() and process.poll() is None and time.monotonic() < deadline:
@@ -113,7 +116,7 @@ def test_a_run_killed_with_sigkill_and_resumed_equals_an_uninterrupted_run(tmp_p
     # second as the killed run's start (only a test is that fast) would be read before it.
     time.sleep(1.1)
 
-    overrides = [f"data.shards={shards}", f"optim.steps={STEPS}"]
+    overrides = [f"data.shards={shards}", f"optim.steps={STEPS}", *MIXED]
     pretrain(load_config(MICRO_CONFIG, overrides + [f"run.output_dir={killed}"]), resume=True, device="cpu")
     uninterrupted = tmp_path / "uninterrupted"
     pretrain(load_config(MICRO_CONFIG, overrides + [f"run.output_dir={uninterrupted}"]), device="cpu")

@@ -22,7 +22,7 @@ from BrainDINOLib.atomic import write_text_atomic  # noqa: E402
 from BrainDINOLib.cli import report_errors  # noqa: E402
 from BrainDINOLib.commands.common import add_model_options, open_session  # noqa: E402
 from BrainDINOLib.training.probe import tissue_probe  # noqa: E402
-from BrainDINOLib.training.tissue import tissue_classes  # noqa: E402
+from BrainDINOLib.tissue import tissue_classes  # noqa: E402
 
 
 def main() -> int:
@@ -41,8 +41,8 @@ def main() -> int:
     print(f"{'features':48s} {'voxel probe: CSF    GM    WM  mean':>36s}   {'patch probe: mean':>17s}")
     for name, dice in results.items():
         voxel = dice["voxel"]
-        print(f"{name:48s} {voxel['CSF']:17.3f} {voxel['GM']:5.3f} {voxel['WM']:5.3f} {voxel['mean']:5.3f}"
-              f"   {dice['patch']['mean']:17.3f}")
+        print(f"{name:48s} {voxel['CSF']:17.3f} {voxel['grey matter']:5.3f} {voxel['white matter']:5.3f} "
+              f"{voxel['mean']:5.3f}   {dice['patch']['mean']:17.3f}")
     if args.json:
         summary = {"model": str(args.model), "model_id": session.encoder.model_id,
                    "resolution": session.policy.to_dict(), "dice": results}

@@ -15,7 +15,7 @@ Checks, in order (each row of the table names its check):
 - pretraining: a few steps of the demo recipe (Training/configs/demo.yaml) and of a ViT-B/16 recipe (the demo
   recipe at DINOv2's ViT-B sizes: 224/96 px crops, 8 local crops, 65536 prototypes, batch 64, 8 loader workers)
   on shards of the bundled volumes: steps/s (after two warm-up steps) and the share of time the loop waited for
-  data (the trainer's `data_wait` column).
+  data (the trainer's `data_wait_fraction` column).
 - demo: wall-clock seconds of `braindino demo --device cuda` in a fresh process.
 
     .venv/bin/python benchmarks/device_check.py [--json device_check.json] [--peak-tflops T] [--fine 768]
@@ -194,7 +194,7 @@ def pretraining_row(name: str, overrides: tuple[str, ...], shards: Path, output:
                  progress=lambda done, total: finished.setdefault(done, time.perf_counter()))
     rate = (steps - 3) / (finished[steps - 1] - finished[2])
     with open(output / "metrics.csv", newline="") as handle:
-        waits = [float(row["data_wait"]) for row in csv.DictReader(handle)][1:]
+        waits = [float(row["data_wait_fraction"]) for row in csv.DictReader(handle)][1:]
     batch = config.optim.batch_size
     result = f"{rate:6.2f} steps/s = {rate * batch:7.1f} slices/s, data wait {np.mean(waits):5.1%}"
     print(f"  {name}: {result}", flush=True)

@@ -32,7 +32,7 @@ from BrainDINOLib.resolution import LEGACY, PRESETS, ResolutionPolicy
 from BrainDINOLib.session import FeatureSession
 from BrainDINOLib.threads import torch_threads
 from BrainDINOLib.training.probe import tissue_probe
-from BrainDINOLib.training.tissue import tissue_classes
+from BrainDINOLib.tissue import tissue_classes
 from BrainDINOLib.volume import Volume, read_volume
 
 SETTINGS: dict[str, ResolutionPolicy] = {

@@ -1,6 +1,6 @@
 """Pretraining configuration as dataclasses, read from YAML.
 
-A config file has one section per dataclass below (`data`, `crops`, `model`, `loss`, `optim`, `run`); every
+A config file has one section per dataclass below (`data`, `synthetic`, `crops`, `model`, `loss`, `optim`, `run`); every
 field has a default, so a file only states what differs. Unknown keys are an error that names them, so a
 typo never silently falls back to a default. Command-line overrides use dotted keys (`optim.steps=10`).
 """
@@ -17,10 +17,34 @@ from ..errors import BrainDINOError
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Where the prepared slice shards are (written by `braindino prepare-slices`)."""
+    """Where the slices come from: prepared shards (`braindino prepare-slices`) and/or synthetic brains, mixed
+    by weight (each step holds round(batch x synthetic share) synthetic slices, the rest from the shards)."""
 
     shards: str = ""
     num_workers: int = 0  # DataLoader worker processes per rank; 0 builds batches in the training process
+    shards_weight: float = 1.0
+    synthetic_weight: float = 0.0  # > 0 mixes in SynthSeg-style brains (the `synthetic` section)
+    prefetch_factor: int = 4  # batches each worker prepares ahead
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """SynthSeg-style brains generated on the fly from the bundled label maps (`training/synthbrain.py`)."""
+
+    image_size: int = 224  # used when no shards are mixed in (otherwise the shards' size)
+    spacing_mm: float = 1.0  # grid of the label maps (2 builds them 8x faster, for tests)
+    contrast_weights: tuple[float, float, float, float, float] = (1.0, 1.0, 1.0, 0.5, 1.5)  # T1 T2 FLAIR PD random
+    structure_jitter: float = 0.1  # relative jitter of each structure's signal in the MRI-like contrasts
+    texture: float = 0.03  # within-structure voxel noise (relative std)
+    skull_strip_probability: float = 0.3
+    tilt_deg: float = 10.0  # plane tilt about the left-right and anterior-posterior axes
+    rotation_deg: float = 10.0  # in-plane
+    scaling: float = 0.1  # relative, per in-plane axis
+    elastic_mm: float = 2.0  # std of the smooth displacement
+    low_resolution_probability: float = 0.5  # a thick-slice or anisotropic acquisition
+    max_spacing_mm: float = 5.0  # thickest slice and coarsest in-plane axis of a low-resolution acquisition
+    bias: float = 0.3  # largest std of the log bias field
+    noise: tuple[float, float] = (0.0, 0.04)  # Rician noise std relative to the brightest structure
 
 
 @dataclass(frozen=True)
@@ -120,6 +144,7 @@ class RunConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     crops: CropConfig = field(default_factory=CropConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)

@@ -1,9 +1,9 @@
 """Tissue probe: do an encoder's frozen patch tokens know brain tissue?
 
-Targets: background / CSF / GM / WM of the MNI152 2009a template (rule in `tissue.py`). Inputs: the MNI152 T1
-through a `FeatureSession`, at its resolution. 40 axial slices evenly spread over the brain; every 4th (10)
-trains, the other 30 are scored; their features are interpolated between embedded slices as every map's are.
-Two probes, both linear on standardised patch tokens and the same for every feature set:
+Targets: background / CSF / GM / WM of the MNI152 2009a template (rule in `BrainDINOLib/tissue.py`). Inputs:
+the MNI152 T1 through a `FeatureSession`, at its resolution. 40 axial slices evenly spread over the brain; every
+4th (10) trains, the other 30 are scored; their features are interpolated between embedded slices as every map's
+are. Two probes, both linear on standardised patch tokens and the same for every feature set:
 
 - voxel probe (DINOv2's linear segmentation protocol): a linear map from each token to class logits on the
   patch grid, upsampled to the voxels as every map is (guided by the image or bilinear, by the session's
@@ -40,7 +40,7 @@ from ..upsample import interpolate_slices, window
 from ..volume import Volume
 from .config import config_from_dict
 from .model import build_network
-from .tissue import CLASS_NAMES
+from ..tissue import CLASS_NAMES
 
 log = logging.getLogger(__name__)
 

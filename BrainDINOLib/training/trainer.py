@@ -23,7 +23,8 @@ from torch.utils.data import DataLoader
 from ..atomic import atomic_path, write_text_atomic
 from ..encoder import autocast_for
 from ..errors import BrainDINOError, CancelledError
-from .batches import StepBatch, StepBatches, collate_single, derive_seed
+from ..slices import PreprocessConfig
+from .batches import StepBatch, StepBatches, StepSlices, collate_single, derive_seed, synthetic_count
 from .config import TrainConfig, config_from_dict
 from .distributed import Distributed, setup_distributed, teardown_distributed
 from .export import export_teacher
@@ -32,6 +33,7 @@ from .metrics import MetricsLog, plot_loss_curves
 from .model import DistillationNetwork, build_network
 from .optim import Schedules, StepValues, apply_step_values, build_optimizer, update_teacher
 from .shards import SliceShards
+from .synthbrain import SyntheticBrains
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +78,6 @@ def state_digest(module: torch.nn.Module) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
-
-
-def _to(batch: StepBatch, device: torch.device) -> StepBatch:
-    return StepBatch(*(t.to(device, non_blocking=True) for t in (batch.global_crops, batch.local_crops,
-                                                                 batch.masks, batch.indices)))
 
 
 def training_step(student: torch.nn.Module, teacher: DistillationNetwork, losses: Losses,
@@ -134,6 +131,25 @@ def _load_checkpoint(path: Path, student: DistillationNetwork, teacher: Distilla
     return int(state["step"])
 
 
+def _data_sources(config: TrainConfig) -> tuple[SliceShards | None, SyntheticBrains | None, int, PreprocessConfig]:
+    """The shards and the synthetic brains a config mixes (None when its weight is 0), how many of a step's
+    slices are synthetic, and the preprocessing the slices share."""
+    data, batch_size = config.data, config.optim.batch_size
+    try:
+        synthetic_slices = synthetic_count(batch_size, data.shards_weight, data.synthetic_weight)
+    except ValueError as error:
+        raise BrainDINOError("config", str(error)) from None
+    shards = None
+    if synthetic_slices < batch_size:
+        if not data.shards:
+            raise BrainDINOError("config", "data.shards is not set (a folder written by braindino prepare-slices)")
+        shards = SliceShards(data.shards)
+    preprocessing = shards.preprocessing if shards is not None else PreprocessConfig()
+    image_size = shards.image_size if shards is not None else config.synthetic.image_size
+    synthetic = SyntheticBrains(config.synthetic, image_size, preprocessing) if synthetic_slices else None
+    return shards, synthetic, synthetic_slices, preprocessing
+
+
 def pretrain(config: TrainConfig, resume: bool = False, device: str | None = None,
              progress: Callable[[int, int], None] | None = None,
              cancel: Callable[[], bool] | None = None) -> PretrainResult:
@@ -150,9 +166,8 @@ def _pretrain(config: TrainConfig, context: Distributed, resume: bool,
     run, optim = config.run, config.optim
     if run.num_threads:
         torch.set_num_threads(run.num_threads)
-    if not config.data.shards:
-        raise BrainDINOError("config", "data.shards is not set (a folder written by braindino prepare-slices)")
-    shards = SliceShards(config.data.shards)
+    data = config.data
+    shards, synthetic, synthetic_slices, preprocessing = _data_sources(config)
     output = Path(run.output_dir)
     if context.is_main:
         output.mkdir(parents=True, exist_ok=True)
@@ -179,25 +194,33 @@ def _pretrain(config: TrainConfig, context: Distributed, resume: bool,
         trainable = DistributedDataParallel(student, device_ids=[context.device.index]
                                             if context.device.type == "cuda" else None)
 
+    # Crops are rendered on an accelerator when there is one (the workers only read or generate slices),
+    # else in the loader (its workers, or this process when there are none).
     batches = StepBatches(shards, config.crops, config.loss, optim.batch_size, architecture.patch_size,
-                          architecture.in_chans, run.seed, context.rank, context.world_size)
+                          architecture.in_chans, run.seed, context.rank, context.world_size, synthetic=synthetic,
+                          synthetic_slices=synthetic_slices, render_in_loader=context.device.type == "cpu")
+    workers = {"prefetch_factor": data.prefetch_factor, "persistent_workers": True} if data.num_workers else {}
     loader = DataLoader(batches, batch_size=None, sampler=range(start, optim.steps), collate_fn=collate_single,
-                        num_workers=config.data.num_workers, pin_memory=context.device.type == "cuda")
+                        num_workers=data.num_workers, pin_memory=context.device.type == "cuda", **workers)
     metrics = MetricsLog(output, start) if context.is_main else None
-    log.info("pretraining %s on %d slices: steps %d..%d, %d process(es) x %d slices", architecture.describe(),
-             len(shards), start, optim.steps, context.world_size, optim.batch_size)
+    log.info("pretraining %s: steps %d..%d, %d process(es) x %d slices (%d synthetic, %d from %s shard slices)",
+             architecture.describe(), start, optim.steps, context.world_size, optim.batch_size, synthetic_slices,
+             optim.batch_size - synthetic_slices, len(shards) if shards is not None else 0)
 
     started = time.perf_counter()
-    window_start, window_images, window_wait = started, 0, 0.0
-    ready = started  # when the loop last asked the loader for a batch
+    window_start, window_images, window_data = started, 0, 0.0
     values = {"loss": torch.tensor(float("nan"))}
-    for step, batch in zip(range(start, optim.steps), loader):
-        window_wait += time.perf_counter() - ready
+    batches_in = iter(loader)
+    for step in range(start, optim.steps):
+        waited = time.perf_counter()
+        batch = next(batches_in).to(context.device, non_blocking=True)
+        if isinstance(batch, StepSlices):
+            batch = batches.render(batch)
+        window_data += time.perf_counter() - waited
         if cancel is not None and cancel():
             if context.is_main:
                 _save_checkpoint(checkpoint_path, step, student, teacher, optimizer, losses, config)
             raise CancelledError(f"pretraining cancelled at step {step} (checkpoint saved)")
-        batch = _to(batch, context.device)
         step_values = schedules.at(step)
         apply_step_values(optimizer, step_values)
         torch.manual_seed(derive_seed(run.seed, step, context.rank, 3))  # drop-path draws
@@ -215,19 +238,18 @@ def _pretrain(config: TrainConfig, context: Distributed, resume: bool,
                    "teacher_temperature": round(step_values.teacher_temperature, 6),
                    "grad_norm": round(float(values["grad_norm"]), 4),
                    "images_per_s": round(window_images / max(now - window_start, 1e-9), 3),
-                   "data_wait": round(window_wait / max(now - window_start, 1e-9), 4),  # share spent waiting
+                   "data_wait_fraction": round(window_data / max(now - window_start, 1e-9), 4),
                    "elapsed_s": round(now - started, 1)}
             metrics.add(row)
             log.info("step %d/%d loss %.4f (dino %.4f ibot %.4f koleo %.4f) lr %.2e %.1f img/s", done, optim.steps,
                      row["loss"], row["dino"], row["ibot"], row["koleo"], row["lr"], row["images_per_s"])
-            window_start, window_images, window_wait = now, 0, 0.0
+            window_start, window_images, window_data = now, 0, 0.0
         if done % run.checkpoint_every == 0 or done == optim.steps:
             if context.is_main:
                 _save_checkpoint(checkpoint_path, done, student, teacher, optimizer, losses, config)
             context.barrier()
         if progress is not None:
             progress(done, optim.steps)
-        ready = time.perf_counter()
 
     seconds = time.perf_counter() - started
     final_loss = float(values["loss"])
@@ -237,11 +259,13 @@ def _pretrain(config: TrainConfig, context: Distributed, resume: bool,
         metrics.close()
         if metrics.rows:
             plot_loss_curves(metrics.path, output / "loss_curves.png", f"{architecture.describe()}")
-        provenance = {"steps": optim.steps, "processes": context.world_size, "slices": len(shards),
-                      "slice_size": shards.image_size,
-                      "volumes": [v["path"] for v in shards.index["volumes"]], "config": config.to_dict(),
+        volumes = [v["path"] for v in shards.index["volumes"]] if shards is not None else []
+        provenance = {"steps": optim.steps, "processes": context.world_size,
+                      "slices": len(shards) if shards is not None else 0, "volumes": volumes,
+                      "slice_size": shards.image_size if shards is not None else config.synthetic.image_size,
+                      "synthetic_slices_per_step": synthetic_slices, "config": config.to_dict(),
                       "final_loss": final_loss}
-        exported = export_teacher(teacher, output / "export", run.export_name, shards.preprocessing, provenance,
+        exported = export_teacher(teacher, output / "export", run.export_name, preprocessing, provenance,
                                   description=f"BrainDINO pretraining run in {output}", iteration=optim.steps)
         summary = {"steps": optim.steps, "resumed_from": start, "final_loss": final_loss,
                    "seconds_this_run": round(seconds, 1), "world_size": context.world_size,
