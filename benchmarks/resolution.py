@@ -105,8 +105,12 @@ def main() -> None:
     brain = lobes > 0
     mni = resampled(MNI152_T1, spacing)
     tissue = tissue_classes(resampled(MNI152_GM, spacing), resampled(MNI152_WM, spacing))
-    print(f"Colin27 {volume.shape} with {encoder.model_id} on {torch.get_num_threads()} CPU thread(s)")
-    rows = [measure(name, policy, encoder, volume, lobes, names, brain, mni, tissue) for name, policy in settings.items()]
+    print(f"Colin27 {volume.shape} with {encoder.model_id} ({encoder.precision}) on {torch.get_num_threads()} CPU "
+          f"thread(s)")
+    rows = []
+    for name, policy in settings.items():
+        rows.append(measure(name, policy, encoder, volume, lobes, names, brain, mni, tissue))
+        print(f"measured {name}: {rows[-1]}", flush=True)  # a long run shows its figures as they come
     base = rows[0]["features_s"]
     print(f"{'setting':14s} {'policy':58s} {'tokens':>12s} {'features':>14s} {'few-shot':>9s} {'lobe Dice':>9s} "
           f"{'probe':>6s} {'stripes':>8s}")
