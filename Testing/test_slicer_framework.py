@@ -1,0 +1,198 @@
+"""BrainDINO.py on Slicer's own module framework (ScriptedLoadableModule, parameterNodeWrapper, util, i18n as
+released in Slicer 5.10.0 and 5.12.3) and real MRML (slicer-core), with PythonQt's widgets stood in by
+`slicer_framework` (properties and signals checked against Slicer 5.12.3's widget API)."""
+from __future__ import annotations
+
+import types
+
+import pytest
+
+slicer = pytest.importorskip("slicer")
+
+from conftest import REPO  # noqa: E402
+from mrml_scene import slicer_scene  # noqa: E402
+from slicer_framework import API, SLICER_PYTHON, VERSIONS, slicer_framework, module_widget  # noqa: E402
+
+pytestmark = pytest.mark.skipif(API is None, reason=f"Slicer's Python framework is not in {SLICER_PYTHON}")
+UI = REPO / "BrainDINO" / "Resources" / "UI" / "BrainDINO.ui"
+
+
+@pytest.fixture(params=VERSIONS)
+def framework(request):
+    """(BrainDINO module imported through this Slicer version's framework, its scene)."""
+    with slicer_scene(slice_views=1) as scene, slicer_framework(request.param) as module:
+        yield module, scene
+
+
+def bound_parameters() -> set[str]:
+    import xml.etree.ElementTree as ET
+
+    return {p.find("string").text for w in ET.parse(UI).iter("widget") for p in w.findall("property")
+            if p.get("name") == "SlicerParameterName"}
+
+
+def test_module_loads_and_registers_its_sample_data_at_startup(framework):
+    module, _ = framework
+    parent = types.SimpleNamespace(path=slicer.modules.braindino.path)  # qSlicerScriptedLoadableModule
+    module.BrainDINO(parent)
+    assert parent.title == "BrainDINO" and parent.categories == ["Segmentation"]
+    assert "frozen self-supervised ViT" in parent.helpText and "needs 3D Slicer" not in parent.helpText
+    assert slicer.app.connections["startupCompleted()"] == [module.registerSampleData]
+    assert "BrainDINO" in slicer.selfTests
+
+
+def test_an_older_slicer_gets_a_message_instead_of_the_panels():
+    with slicer_scene(), slicer_framework("v5.10.0", app_version="5.8") as module:
+        parent = types.SimpleNamespace(path=slicer.modules.braindino.path)
+        module.BrainDINO(parent)
+        assert parent.helpText.startswith("BrainDINO needs 3D Slicer 5.10 or later")
+        assert "startupCompleted()" not in slicer.app.connections
+        widget = module_widget(module)
+        labels = widget.parent.findChildren(qt_class("QLabel"))
+        assert [label.text for label in labels] == [module.unsupportedSlicer()]
+        assert widget.logic is None and not widget.parent.findChildren(qt_class("qMRMLNodeComboBox"))
+        widget.enter(), widget.exit(), widget.cleanup()
+
+
+def qt_class(name: str):
+    import sys
+
+    return getattr(sys.modules["qt"], name)
+
+
+def example_values(scene) -> dict:
+    """A value for every parameter, unlike its default: nodes of the right classes from `scene`."""
+    return {
+        "useDemoModel": False, "modelFile": "/models/teacher.pth", "device": "cpu",
+        "inputVolume": scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "t1"), "overlayOpacity": 0.25,
+        "similarityPoint": scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "probe"), "clusterCount": 5,
+        "segmentationHead": "/heads/tumour.safetensors",
+        "paintedSegmentation": scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "painted"),
+        "outputSegmentation": scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "output"),
+        "subjectHead": "/heads/age.safetensors",
+        "predictionTable": scene.AddNewNodeByClass("vtkMRMLTableNode", "predictions"),
+        "trainTask": "fit-head", "trainArguments": "--epochs 3",
+        "pcaVolume": scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", "pca"),
+        "similarityVolume": scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "similarity"),
+        "attentionVolume": scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "attention"),
+        "clusterVolume": scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "clusters"),
+    }
+
+
+def test_every_parameter_round_trips_through_a_scripted_module_node_and_a_saved_scene(framework):
+    module, scene = framework
+    parameters = module.getParameterNode()
+    assert parameters.parameterNode.IsA("vtkMRMLScriptedModuleNode")
+    assert parameters.modelFile == parameters.segmentationHead == parameters.subjectHead == ""  # not "."
+    values = example_values(scene)
+    assert set(values) == set(parameters.allParameters), "example_values misses a parameter"
+    for name, value in values.items():
+        setattr(parameters, name, value)
+
+    again = module.getParameterNode()  # a new wrapper over the same singleton node reads the node itself
+    assert again.parameterNode is parameters.parameterNode
+    for name, value in values.items():
+        assert getattr(again, name) == value, name
+
+    scene.SetSaveToXMLString(1)
+    scene.Commit()
+    saved = scene.GetSceneXMLString()
+    scene.Clear(0)
+    assert module.getParameterNode().clusterCount == 8  # a fresh scene: defaults
+    scene.SetLoadFromXMLString(1)
+    scene.SetSceneXMLString(saved)
+    scene.Import()
+    loaded = module.getParameterNode()
+    for name, value in values.items():
+        got = getattr(loaded, name)
+        if hasattr(value, "GetName"):
+            assert got is not None and got.GetName() == value.GetName() and got.GetClassName() == value.GetClassName(), name
+        else:
+            assert got == value, name
+
+
+@pytest.mark.parametrize("name, value", [("overlayOpacity", 1.5), ("overlayOpacity", -0.1), ("clusterCount", 1),
+                                         ("clusterCount", 33), ("device", "tpu"), ("trainTask", "rm -rf")])
+def test_validators_reject_bad_values(framework, name, value):
+    module, _ = framework
+    parameters = module.getParameterNode()
+    before = getattr(parameters, name)
+    with pytest.raises(ValueError):
+        setattr(parameters, name, value)
+    assert getattr(parameters, name) == before
+
+
+def test_a_node_parameter_refuses_a_node_of_another_class(framework):
+    module, scene = framework
+    with pytest.raises((TypeError, ValueError)):
+        module.getParameterNode().predictionTable = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+
+
+def test_setup_connects_every_bound_widget_both_ways(framework):
+    module, scene = framework
+    volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "t1")
+    widget = module_widget(module)
+    try:
+        parameters = widget._parameterNode
+        connectors = parameters._parameterGUIs[widget._parameterNodeGuiTag]
+        assert set(connectors) == bound_parameters()
+        assert parameters.inputVolume is volume  # the first volume is chosen for the user
+        ui = widget.ui
+        assert ui.modelFilePathLineEdit.currentPath == "" and ui.segmentationHeadPathLineEdit.currentPath == ""
+
+        ui.clusterCountSpinBox.value = 12  # widget -> parameter
+        ui.deviceComboBox.currentIndex = ui.deviceComboBox.findText("cpu")
+        ui.overlayOpacitySlider.value = 0.8
+        ui.useDemoModelCheckBox.checked = False
+        ui.modelFilePathLineEdit.currentPath = "/models/teacher.pth"
+        ui.trainArgumentsLineEdit.text = "--epochs 3"
+        assert (parameters.clusterCount, parameters.device, parameters.overlayOpacity, parameters.useDemoModel,
+                parameters.modelFile, parameters.trainArguments) == (12, "cpu", 0.8, False, "/models/teacher.pth",
+                                                                     "--epochs 3")
+        table = scene.AddNewNodeByClass("vtkMRMLTableNode", "predictions")
+        parameters.predictionTable = table  # parameter -> widget
+        parameters.trainTask = "evaluate"
+        parameters.segmentationHead = "/heads/tumour.safetensors"
+        assert ui.predictionTableSelector.currentNode() is table
+        assert ui.trainTaskComboBox.currentText == "evaluate"
+        assert ui.segmentationHeadPathLineEdit.currentPath == "/heads/tumour.safetensors"
+        assert ui.clusterCountSpinBox.minimum == 2 and ui.clusterCountSpinBox.maximum == 32  # from WithinRange
+    finally:
+        widget.cleanup()
+
+
+def test_the_similarity_point_can_be_placed(framework):
+    module, _ = framework
+    widget = module_widget(module)
+    try:
+        place = widget.ui.similarityPlaceWidget
+        assert place.placeButton().isVisible() and not place.deleteButton().isVisible()
+    finally:
+        widget.cleanup()
+
+
+def test_enter_exit_scene_close_and_cleanup(framework):
+    module, scene = framework
+    widget = module_widget(module)
+    try:
+        widget.parent.isEntered = True
+        widget.enter()
+        assert widget._parameterNodeGuiTag is not None
+        widget.exit()
+        assert widget._parameterNodeGuiTag is None
+        widget.enter()
+        point = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "probe")
+        widget._parameterNode.similarityPoint = point
+        assert widget._observedPoint is point  # the selector followed the parameter and said so
+        assert widget.ui.similarityPlaceWidget.currentNode() is point  # the .ui connection
+        assert point.GetMaximumNumberOfControlPoints() == 1
+        scene.Clear(0)  # StartCloseEvent, EndCloseEvent: the parameter node is connected again, in the new scene
+        assert widget._observedPoint is None
+        assert widget._parameterNode.parameterNode.GetScene() is scene
+        assert widget._parameterNode.similarityPoint is None
+        assert widget._parameterNodeGuiTag in widget._parameterNode._parameterGUIs
+    finally:
+        widget.cleanup()
+    assert not widget.timer.isActive()
+    widget.logic.worker._thread.join(timeout=10)
+    assert not widget.logic.worker._thread.is_alive(), "cleanup left the torch worker thread running"
