@@ -636,9 +636,10 @@ class BrainDINOTest(ScriptedLoadableModuleTest):
             logic.shutdown()
 
 
-def runSelfTestFlow(logic, volumeNode, modelSource: str = "demo", examples: int = 3) -> dict:
+def runSelfTestFlow(logic, volumeNode, modelSource: str = "demo", examples: int = 3, atlas=None) -> dict:
     """The self-test's flow through the Logic: model -> features -> PCA -> similarity -> few-shot segmentation
-    from `examples` painted slices of the bundled AAL atlas's brain. Returns the figures the test checks."""
+    from `examples` painted slices of the AAL atlas's brain (`atlas`: a `Volume` on the volume's grid; None:
+    the bundled one, on the sample's grid). Returns the figures the test checks."""
     import numpy as np
 
     logic.load_model(modelSource, "cpu")
@@ -663,7 +664,8 @@ def runSelfTestFlow(logic, volumeNode, modelSource: str = "demo", examples: int 
     from BrainDINOLib import read_volume
     from BrainDINOLib.mrml import LabelClass, segmentation_from_labels
 
-    atlas = read_volume(ensure_engine_on_path() / "data" / "colin27_aal.nii.gz")
+    if atlas is None:
+        atlas = read_volume(ensure_engine_on_path() / "data" / "colin27_aal.nii.gz")
     labels = atlas.array > 0  # the brain as AAL outlines it: cortex, deep grey matter, cerebellum
     if atlas.shape != volume.shape:
         raise AssertionError(f"the atlas grid {atlas.shape} is not the sample's {volume.shape}")
