@@ -8,7 +8,7 @@ What PythonQt would provide is stood in for here, and only that:
   signal that Slicer lacks raises AttributeError. Behaviour is written out only where Slicer's parameter-node
   connectors or the module rely on it: values that emit their change signal, combo-box items, a node combo box
   choosing among the scene's nodes of its `nodeTypes`, the markups place widget's place button, a timer that
-  ticks only when a test calls `tick()`.
+  ticks only when a test calls `tick()`, a table of text items, a file dialog that answers what a test set.
 - `qt.QUiLoader`: builds those widgets from the .ui XML (widget tree, properties, dynamic `SlicerParameterName`
   properties, `<connections>`).
 - `qt.QSettings` (empty: no developer mode), `qt.QIcon`, `qt.QFile`, enum namespaces (`qt.Qt`, `qt.QMessageBox`).
@@ -443,6 +443,67 @@ class ctkPathLineEdit(QWidget):
             self.currentPathChanged.emit(value)
 
 
+class QTableWidget(QWidget):
+    """Rows of items; `rowCount` grows or cuts the table."""
+
+    qt_class = "QTableWidget"
+    defaults = {"rowCount": 0, "columnCount": 0}
+
+    def __init__(self, *args, **kwargs):
+        object.__setattr__(self, "_items", {})
+        super().__init__(*args, **kwargs)
+
+    def setHorizontalHeaderLabels(self, labels) -> None:
+        self.columnCount = max(self.columnCount, len(labels))
+
+    def setItem(self, row: int, column: int, item) -> None:
+        self._items[row, column] = item
+
+    def item(self, row: int, column: int):
+        return self._items.get((row, column))
+
+    def changed(self, name, value) -> None:
+        if name == "rowCount":
+            for key in [k for k in self._items if k[0] >= value]:
+                del self._items[key]
+
+
+class QTableWidgetItem:
+    def __init__(self, text: str = ""):
+        self._text, self._data = text, {}
+
+    def text(self) -> str:
+        return self._text
+
+    def setText(self, text: str) -> None:
+        self._text = text
+
+    def setData(self, role, value) -> None:
+        self._data[role] = value
+
+    def data(self, role):
+        return self._data.get(role)
+
+
+class QTextBrowser(QWidget):
+    qt_class = "QTextBrowser"
+    defaults = {"html": ""}
+
+    def setHtml(self, html: str) -> None:
+        self.html = html
+
+
+class QFileDialog(QWidget):
+    """`getSaveFileName` answers what a test put in `QFileDialog.answer` (a user's choice)."""
+
+    qt_class = "QFileDialog"
+    answer = ""
+
+    @staticmethod
+    def getSaveFileName(*args) -> str:
+        return QFileDialog.answer
+
+
 class QTimer(StandInObject):
     """Ticks only when a test calls `tick()`."""
 
@@ -470,7 +531,8 @@ BEHAVIOUR = {"QPushButton": AbstractButton, "QCheckBox": AbstractButton, "QToolB
              "ctkSliderWidget": ValueWidget, "QProgressBar": ValueWidget, "QComboBox": QComboBox,
              "qMRMLNodeComboBox": qMRMLNodeComboBox, "qSlicerMarkupsPlaceWidget": qSlicerMarkupsPlaceWidget,
              "QPlainTextEdit": QPlainTextEdit, "QLineEdit": TextWidget, "QLabel": TextWidget,
-             "ctkPathLineEdit": ctkPathLineEdit, "QTimer": QTimer, "QWidget": QWidget, "QObject": StandInObject}
+             "ctkPathLineEdit": ctkPathLineEdit, "QTimer": QTimer, "QTableWidget": QTableWidget,
+             "QTextBrowser": QTextBrowser, "QWidget": QWidget, "QObject": StandInObject}
 _CLASSES: dict[str, type] = {}
 
 
@@ -597,7 +659,7 @@ def _module(name: str, classes: dict) -> types.ModuleType:
 
 
 def qt_module() -> types.ModuleType:
-    return _module("qt", {"QUiLoader": QUiLoader, "QFile": QFile, "QSettings": QSettings,
+    return _module("qt", {"QUiLoader": QUiLoader, "QTableWidgetItem": QTableWidgetItem, "QFileDialog": QFileDialog, "QFile": QFile, "QSettings": QSettings,
                           "QIcon": Value, "QColor": Value,
                           "QVBoxLayout": Layout, "QHBoxLayout": Layout, "QFormLayout": Layout, "QGridLayout": Layout,
                           "Qt": EnumNamespace("Qt", (), {}), "QMessageBox": EnumNamespace("QMessageBox", (), {}),
@@ -639,6 +701,12 @@ class Application:
 
     def processEvents(self) -> None:
         pass
+
+    def startupEnvironment(self):
+        """Slicer's environment before its launcher changed it (a QProcessEnvironment): here, this one."""
+        import os
+
+        return types.SimpleNamespace(keys=lambda: list(os.environ), value=os.environ.get)
 
 
 # ---- putting it together --------------------------------------------------------------------------------------

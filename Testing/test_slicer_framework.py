@@ -71,6 +71,7 @@ def example_values(scene) -> dict:
         "outputSegmentation": scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "output"),
         "subjectHead": "/heads/age.safetensors",
         "predictionTable": scene.AddNewNodeByClass("vtkMRMLTableNode", "predictions"),
+        "fitHead": "regression", "fitManifest": "/cases/cases.csv", "fitTestFraction": 0.4, "fitEpochs": 50,
         "trainTask": "fit-head", "trainArguments": "--epochs 3",
         "pcaVolume": scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", "pca"),
         "similarityVolume": scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "similarity"),
@@ -314,3 +315,65 @@ def test_cancel_stops_a_running_job_and_says_so(framework, teacher_checkpoint):
         assert widget.ui.statusLabel.text == "Long job: cancelled." and not widget.ui.cancelButton.enabled
     finally:
         widget.cleanup()
+
+
+@pytest.mark.slow
+def test_fine_tune_a_segmentation_head_on_the_scene_cases_by_clicking(teacher_checkpoint, tmp_path):
+    """The Fine-tune panel: the scene's volume + segmentation pairs in the table, Fit in a child process with
+    progress, the held-out case's Dice in the panel, Save head, Apply to the input."""
+    import numpy as np
+
+    from BrainDINOLib import mrml
+    from BrainDINOLib.atlas import COLIN27_T1
+
+    with slicer_scene(slice_views=1) as scene, slicer_framework(VERSIONS[-1]) as module:
+        t1 = coarse(COLIN27_T1, 6.0)
+        atlas = coarse(REPO / "BrainDINOLib" / "data" / "colin27_aal.nii.gz", 6.0, labels=True).array
+        truth = np.where(atlas > 90, 2, np.where(atlas > 0, 1, 0)).astype(np.int16)  # cerebrum, cerebellum
+        classes = [mrml.LabelClass(1, "cerebrum", (230, 200, 160)), mrml.LabelClass(2, "cerebellum", (90, 160, 220))]
+        for case, gain in enumerate((0.8, 0.9, 1.1, 1.2)):
+            node = mrml.volume_to_node(t1.with_array(t1.array * gain), scene, f"case {case}")
+            mrml.segmentation_from_labels(t1.with_array(truth), node, classes, name=f"case {case} labels")
+        widget = module_widget(module)
+        try:
+            ui, parameters = widget.ui, widget._parameterNode
+            widget.logic.cache = tmp_path / "cache"
+            ui.useDemoModelCheckBox.checked = False
+            ui.modelFilePathLineEdit.currentPath = str(teacher_checkpoint)
+            ui.deviceComboBox.currentIndex = ui.deviceComboBox.findText("cpu")
+            ui.fitHeadComboBox.currentIndex = ui.fitHeadComboBox.findText("segmentation, linear")
+            ui.fitEpochsSpinBox.value = 20
+
+            ui.fitAddSceneCasesButton.click()
+            ui.fitAddSceneCasesButton.click()  # nothing is listed twice
+            table = ui.fitCasesTable
+            assert table.rowCount == 4
+            assert [(table.item(r, 0).text(), table.item(r, 1).text(), table.item(r, 3).text())
+                    for r in range(4)] == [(f"case {r}", f"case {r} labels", "auto") for r in range(4)]
+
+            progress = []
+            ui.progressBar.connect("valueChanged(int)", progress.append)
+            ui.fitButton.click()
+            assert not ui.fitButton.enabled or widget.logic.worker.busy
+            settle(widget, 600)
+            assert ui.statusLabel.text == "Fitting segmentation: done.", ui.fitReportBrowser.html
+            assert progress, "the fit reported no progress"
+            html = ui.fitReportBrowser.html
+            assert "test Dice cerebrum" in html and "test cases</td><td align='right'>1<" in html
+            assert ui.saveHeadButton.enabled and ui.applyFittedHeadButton.enabled
+
+            slicer.modules  # noqa: B018 (the dialog's answer, as a user would pick it)
+            sys_qt = __import__("sys").modules["qt"]
+            sys_qt.QFileDialog.answer = str(tmp_path / "my head.safetensors")
+            ui.saveHeadButton.click()
+            assert (tmp_path / "my head.safetensors").is_file() and "Head saved" in ui.statusLabel.text
+
+            parameters.inputVolume = scene.GetFirstNodeByName("case 2")
+            ui.applyFittedHeadButton.click()
+            settle(widget)
+            output = parameters.outputSegmentation
+            assert output is not None and output.GetAttribute("BrainDINO.output") == "1"
+            assert [c.name for c in mrml.segment_classes(output)] == ["cerebrum", "cerebellum"]
+            assert len(widget.logic.scene_cases()) == 4  # outputs are never offered as cases
+        finally:
+            widget.cleanup()
