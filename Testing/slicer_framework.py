@@ -659,7 +659,8 @@ def _module(name: str, classes: dict) -> types.ModuleType:
 
 
 def qt_module() -> types.ModuleType:
-    return _module("qt", {"QUiLoader": QUiLoader, "QTableWidgetItem": QTableWidgetItem, "QFileDialog": QFileDialog, "QFile": QFile, "QSettings": QSettings,
+    return _module("qt", {"QUiLoader": QUiLoader, "QTableWidgetItem": QTableWidgetItem, "QFileDialog": QFileDialog,
+                          "QFile": QFile, "QSettings": QSettings,
                           "QIcon": Value, "QColor": Value,
                           "QVBoxLayout": Layout, "QHBoxLayout": Layout, "QFormLayout": Layout, "QGridLayout": Layout,
                           "Qt": EnumNamespace("Qt", (), {}), "QMessageBox": EnumNamespace("QMessageBox", (), {}),
