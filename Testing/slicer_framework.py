@@ -772,12 +772,16 @@ def slicer_framework(version: str, module_dir: Path = REPO / "BrainDINO",
                 delattr(slicer, name)
 
 
-def module_widget(module: types.ModuleType, name: str = "BrainDINO"):
-    """The module's widget the way Slicer makes it: a qSlicerScriptedLoadableModuleWidget parent with a
-    vertical layout, then `setup()`."""
+@contextlib.contextmanager
+def module_widget(module: types.ModuleType, name: str = "BrainDINO") -> Iterator:
+    """The module's widget the way Slicer makes it (a qSlicerScriptedLoadableModuleWidget parent with a vertical
+    layout, then `setup()`); `cleanup()` afterwards, as when Slicer unloads the module."""
     parent = slicer.qSlicerScriptedLoadableModuleWidget()
     parent.setLayout(Layout())
     parent.isEntered = False
     widget = getattr(module, f"{name}Widget")(parent)
     widget.setup()
-    return widget
+    try:
+        yield widget
+    finally:
+        widget.cleanup()

@@ -11,7 +11,7 @@ slicer = pytest.importorskip("slicer")
 
 from conftest import REPO  # noqa: E402
 from mrml_scene import slicer_scene  # noqa: E402
-from slicer_framework import API, SLICER_PYTHON, VERSIONS, slicer_framework, module_widget  # noqa: E402
+from slicer_framework import API, SLICER_PYTHON, VERSIONS, module_widget, slicer_framework  # noqa: E402
 
 pytestmark = pytest.mark.skipif(API is None, reason=f"Slicer's Python framework is not in {SLICER_PYTHON}")
 UI = REPO / "BrainDINO" / "Resources" / "UI" / "BrainDINO.ui"
@@ -47,11 +47,11 @@ def test_an_older_slicer_gets_a_message_instead_of_the_panels():
         module.BrainDINO(parent)
         assert parent.helpText.startswith("BrainDINO needs 3D Slicer 5.10 or later")
         assert "startupCompleted()" not in slicer.app.connections
-        widget = module_widget(module)
-        labels = widget.parent.findChildren(qt_class("QLabel"))
-        assert [label.text for label in labels] == [module.unsupportedSlicer()]
-        assert widget.logic is None and not widget.parent.findChildren(qt_class("qMRMLNodeComboBox"))
-        widget.enter(), widget.exit(), widget.cleanup()
+        with module_widget(module) as widget:
+            labels = widget.parent.findChildren(qt_class("QLabel"))
+            assert [label.text for label in labels] == [module.unsupportedSlicer()]
+            assert widget.logic is None and not widget.parent.findChildren(qt_class("qMRMLNodeComboBox"))
+            widget.enter(), widget.exit()
 
 
 def qt_class(name: str):
@@ -132,8 +132,7 @@ def test_a_node_parameter_refuses_a_node_of_another_class(framework):
 def test_setup_connects_every_bound_widget_both_ways(framework):
     module, scene = framework
     volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "t1")
-    widget = module_widget(module)
-    try:
+    with module_widget(module) as widget:
         parameters = widget._parameterNode
         connectors = parameters._parameterGUIs[widget._parameterNodeGuiTag]
         assert set(connectors) == bound_parameters()
@@ -158,24 +157,18 @@ def test_setup_connects_every_bound_widget_both_ways(framework):
         assert ui.trainTaskComboBox.currentText == "evaluate"
         assert ui.segmentationHeadPathLineEdit.currentPath == "/heads/tumour.safetensors"
         assert ui.clusterCountSpinBox.minimum == 2 and ui.clusterCountSpinBox.maximum == 32  # from WithinRange
-    finally:
-        widget.cleanup()
 
 
 def test_the_similarity_point_can_be_placed(framework):
     module, _ = framework
-    widget = module_widget(module)
-    try:
+    with module_widget(module) as widget:
         place = widget.ui.similarityPlaceWidget
         assert place.placeButton().isVisible() and not place.deleteButton().isVisible()
-    finally:
-        widget.cleanup()
 
 
 def test_enter_exit_scene_close_and_cleanup(framework):
     module, scene = framework
-    widget = module_widget(module)
-    try:
+    with module_widget(module) as widget:
         widget.parent.isEntered = True
         widget.enter()
         assert widget._parameterNodeGuiTag is not None
@@ -192,8 +185,6 @@ def test_enter_exit_scene_close_and_cleanup(framework):
         assert widget._parameterNode.parameterNode.GetScene() is scene
         assert widget._parameterNode.similarityPoint is None
         assert widget._parameterNodeGuiTag in widget._parameterNode._parameterGUIs
-    finally:
-        widget.cleanup()
     assert not widget.timer.isActive()
     widget.logic.worker._thread.join(timeout=10)
     assert not widget.logic.worker._thread.is_alive(), "cleanup left the torch worker thread running"
@@ -248,9 +239,8 @@ def test_the_panels_buttons_run_on_the_worker_and_fill_the_scene(framework, teac
 
     module, scene = framework
     node = mrml.volume_to_node(coarse(COLIN27_T1, 4.0), scene, "colin27 4mm")
-    widget = module_widget(module)
-    widget.logic.cache = tmp_path
-    try:
+    with module_widget(module) as widget:
+        widget.logic.cache = tmp_path
         ui, parameters = widget.ui, widget._parameterNode
         assert parameters.inputVolume is node
         ui.useDemoModelCheckBox.checked = False
@@ -287,16 +277,13 @@ def test_the_panels_buttons_run_on_the_worker_and_fill_the_scene(framework, teac
         point.SetNthControlPointPosition(0, bounds[0] + 20, (bounds[2] + bounds[3]) / 2, (bounds[4] + bounds[5]) / 2)
         settle(widget)  # dragging it recomputes the same node
         assert parameters.similarityVolume is similarity
-    finally:
-        widget.cleanup()
 
 
 def test_cancel_stops_a_running_job_and_says_so(framework, teacher_checkpoint):
     import threading
 
     module, scene = framework
-    widget = module_widget(module)
-    try:
+    with module_widget(module) as widget:
         started, release = threading.Event(), threading.Event()
 
         def work(progress, cancel):
@@ -313,8 +300,6 @@ def test_cancel_stops_a_running_job_and_says_so(framework, teacher_checkpoint):
         widget.ui.cancelButton.click()
         settle(widget, 10)
         assert widget.ui.statusLabel.text == "Long job: cancelled." and not widget.ui.cancelButton.enabled
-    finally:
-        widget.cleanup()
 
 
 @pytest.mark.slow
@@ -334,8 +319,7 @@ def test_fine_tune_a_segmentation_head_on_the_scene_cases_by_clicking(teacher_ch
         for case, gain in enumerate((0.8, 1.0, 1.2)):
             node = mrml.volume_to_node(t1.with_array(t1.array * gain), scene, f"case {case}")
             mrml.segmentation_from_labels(t1.with_array(truth), node, classes, name=f"case {case} labels")
-        widget = module_widget(module)
-        try:
+        with module_widget(module) as widget:
             ui, parameters = widget.ui, widget._parameterNode
             widget.logic.cache = tmp_path / "cache"
             ui.useDemoModelCheckBox.checked = False
@@ -373,5 +357,3 @@ def test_fine_tune_a_segmentation_head_on_the_scene_cases_by_clicking(teacher_ch
             assert output is not None and output.GetAttribute("BrainDINO.output") == "1"
             assert [c.name for c in mrml.segment_classes(output)] == ["cerebrum", "cerebellum"]
             assert len(widget.logic.scene_cases()) == 3  # outputs are never offered as cases
-        finally:
-            widget.cleanup()
