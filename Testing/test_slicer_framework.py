@@ -3,6 +3,7 @@ released in Slicer 5.10.0 and 5.12.3) and real MRML (slicer-core), with PythonQt
 `slicer_framework` (properties and signals checked against Slicer 5.12.3's widget API)."""
 from __future__ import annotations
 
+import logging
 import types
 
 import pytest
@@ -52,6 +53,19 @@ def test_an_older_slicer_gets_a_message_instead_of_the_panels():
             assert [label.text for label in labels] == [module.unsupportedSlicer()]
             assert widget.logic is None and not widget.parent.findChildren(qt_class("qMRMLNodeComboBox"))
             widget.enter(), widget.exit()
+
+
+def test_the_self_test_says_it_was_skipped_where_torch_is_missing(framework, monkeypatch, caplog):
+    """On an extension build machine without PyTorch, Slicer's test runner gets a clear skip, not a failure."""
+    from BrainDINOLib.dependencies import Requirements
+
+    module, scene = framework
+    monkeypatch.setattr(Requirements, "missing_torch", lambda self: ["torch>=2.8"])
+    parent = types.SimpleNamespace(path=slicer.modules.braindino.path)
+    with caplog.at_level(logging.WARNING):
+        module.BrainDINO(parent).runTest()  # as Slicer's SelfTests and slicer_add_python_unittest call it
+    assert "BrainDINO self-test SKIPPED: this Python lacks torch>=2.8" in caplog.text
+    assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 0  # no sample loaded, nothing ran
 
 
 def qt_class(name: str):
