@@ -210,18 +210,31 @@ def installTorch(torchSpecifier, torchvisionSpecifier):
 
 
 def installPackages(requirements, constraints):
-    """pip requirements into Slicer's Python under `constraints` (the installed torch, pinned):
-    `slicer.packaging` (Slicer 5.12+; it also offers a restart when a loaded package changed), else
-    `slicer.util.pip_install`. Already asked: no second question."""
+    """pip requirement lines into Slicer's Python under `constraints` (the installed torch, pinned), through
+    Slicer's `pip_ensure` (`slicer.pydeps` from 5.11, `slicer.packaging` in later layouts; it takes `Requirement`
+    objects and offers a restart when a loaded package changed), else `slicer.util.pip_install`. Already asked:
+    no second question."""
+    from packaging.requirements import Requirement
+
+    ensurer = pipEnsure()
     with tempfile.TemporaryDirectory() as folder:
         constraintsFile = Path(folder) / "constraints.txt"
         constraintsFile.write_text("\n".join(constraints) + "\n")
-        try:
-            import slicer.packaging as packaging
-        except ImportError:
+        if ensurer is None:
             slicer.util.pip_install(["-c", str(constraintsFile), *requirements])
             return
-        packaging.pip_ensure(requirements, constraints=constraintsFile, prompt_install=False, requester="BrainDINO")
+        ensurer([Requirement(r) for r in requirements], constraints=constraintsFile, prompt_install=False,
+                requester="BrainDINO")
+
+
+def pipEnsure():
+    """Slicer's `pip_ensure`, wherever this Slicer keeps it; None where it has none (then pip_install)."""
+    for name in ("slicer.pydeps", "slicer.packaging"):
+        try:
+            return getattr(importlib.import_module(name), "pip_ensure")
+        except (ImportError, AttributeError):
+            continue
+    return None
 
 
 def ensureDependencies():

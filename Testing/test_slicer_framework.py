@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import types
+from pathlib import Path
 
 import pytest
 
@@ -66,6 +67,26 @@ def test_the_self_test_says_it_was_skipped_where_torch_is_missing(framework, mon
         module.BrainDINO(parent).runTest()  # as Slicer's SelfTests and slicer_add_python_unittest call it
     assert "BrainDINO self-test SKIPPED: this Python lacks torch>=2.8" in caplog.text
     assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 0  # no sample loaded, nothing ran
+
+
+def test_packages_go_through_slicers_pip_ensure_with_torch_pinned(framework, monkeypatch):
+    """Slicer 5.11+ `slicer.pydeps.pip_ensure` takes Requirement objects and a constraints file; the module asked
+    already, so it does not ask again. (pip_ensure itself is Slicer's: recorded here, not run.)"""
+    import sys
+
+    from packaging.requirements import Requirement
+
+    module, _ = framework
+    calls = []
+
+    def pip_ensure(requirements, constraints=None, prompt_install=True, requester=None):
+        calls.append((requirements, Path(constraints).read_text(), prompt_install, requester))
+
+    monkeypatch.setitem(sys.modules, "slicer.pydeps", types.SimpleNamespace(pip_ensure=pip_ensure))
+    module.installPackages(["timm>=1.0.20", "monai>=1.4"], ["torch==2.14.1", "torchvision==0.29.1"])
+    (requirements, constraints, prompt, requester), = calls
+    assert requirements == [Requirement("timm>=1.0.20"), Requirement("monai>=1.4")]
+    assert constraints == "torch==2.14.1\ntorchvision==0.29.1\n" and prompt is False and requester == "BrainDINO"
 
 
 def qt_class(name: str):
