@@ -14,7 +14,7 @@ import SimpleITK as sitk
 
 slicer = pytest.importorskip("slicer")
 
-from BrainDINOLib import CancelledError, Volume, mrml  # noqa: E402
+from BrainDINOLib import BrainDINOError, CancelledError, Volume, mrml  # noqa: E402
 from BrainDINOLib.logic import BrainDINOLogic, Job  # noqa: E402
 
 from conftest import REPO, SAMPLE_T1  # noqa: E402
@@ -208,3 +208,38 @@ def test_worker_runs_jobs_off_the_main_thread_and_cancels(logic, t1_node):
     worker.wait()
     assert isinstance(outcome["error"], CancelledError) and "late" not in outcome
     assert not worker.busy
+
+
+def test_scene_cases_and_typed_targets_become_a_manifest(scene, tmp_path):
+    """The Fine-tune panel's cases (shared with the web page): the scene's input volumes, never BrainDINO's
+    outputs; typed targets checked before any work; auto splits held out; written as a cases CSV."""
+    from BrainDINOLib.logic import OUTPUT_ATTRIBUTE, SceneCase
+
+    logic = BrainDINOLogic(scene, cache=None)
+    try:
+        import SimpleITK as sitk
+
+        small = Volume.from_image(sitk.Image([6, 5, 4], sitk.sitkFloat32))
+        noise = np.random.default_rng(0)
+        nodes = [mrml.volume_to_node(small.with_array(noise.random(small.shape, np.float32)), scene, f"subject {i}")
+                 for i in range(4)]
+        made = mrml.volume_to_node(small, scene, "a BrainDINO map")
+        made.SetAttribute(OUTPUT_ATTRIBUTE, "1")
+        offered = [c.volume for c in logic.scene_cases() if c.volume.GetName().startswith(("subject", "a Brain"))]
+        assert offered == nodes
+
+        with pytest.raises(BrainDINOError, match="subject 2: target 'old' is not a number"):
+            logic.collect_cases([SceneCase(n, target=t) for n, t in zip(nodes, ["61", "70.5", "old", "55"])],
+                                "regression")
+        with pytest.raises(BrainDINOError, match="survival target"):
+            logic.collect_cases([SceneCase(nodes[0], target="12")], "survival")
+        cases = logic.collect_cases([SceneCase(n, target=t, split=s) for n, t, s in
+                                     zip(nodes, ["61", "70.5", "48", "55"], ["auto", "auto", "auto", "test"])],
+                                    "regression", test_fraction=0.25)
+        assert cases.splits.count("test") == 1 and cases.splits[3] == "test"  # the typed split counts
+        manifest = cases.write(tmp_path / "cases")
+        rows = manifest.read_text().splitlines()
+        assert rows[0] == "case,split,image,target" and rows[4].startswith("subject 3,test,003_subject_3.nii,55")
+        assert all((tmp_path / "cases" / f"00{i}_subject_{i}.nii").is_file() for i in range(4))
+    finally:
+        logic.shutdown()
