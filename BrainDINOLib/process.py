@@ -122,7 +122,11 @@ class ChildProcess:
                 process.kill()
             except psutil.NoSuchProcess:
                 pass
-        psutil.wait_procs([*children, parent], timeout=10)
+        psutil.wait_procs(children, timeout=10)
+        try:  # our own child is reaped by Popen, which then keeps its exit code (psutil would take it: 0)
+            self._process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not end within 10 s of being killed", self.describe())
 
     def _deliver(self, line: str) -> None:
         if line.startswith(PROGRESS_PREFIX) and self.on_progress:
