@@ -23,6 +23,7 @@ import psutil
 
 from .. import mrml
 from ..errors import BrainDINOError, CancelledError
+from ..logic import flatten
 from ..resolution import PRESETS, default_policy
 from ..volume import Volume, ras_to_lps, read_label_volume, read_volume
 from .config import ServeConfig
@@ -40,6 +41,20 @@ FOREGROUNDS = {"pca": "PCA colours", "similarity": "similarity", "attention": "a
 
 def rss_mib() -> int:
     return round(psutil.Process().memory_info().rss / 2**20)
+
+
+def open_model(logic, source: str, device: str | None, policy_for: Callable[[str], object],
+                batch_size: int | None) -> None:
+    """Load `source` into the Logic with the resolution `policy_for(device type)` and `serve --batch-size`.
+
+    A web-side adapter: the Logic's `load_model` takes one fixed policy (or the device's default), but the page's
+    resolution follows the device the model lands on (auto by default), which is known only once it is loaded;
+    so the Logic loads the encoder and its session is re-made on that encoder with the page's policy."""
+    from ..session import FeatureSession
+
+    encoder = logic.load_model(source, device or "auto")
+    logic.session = FeatureSession.for_encoder(encoder, policy_for(encoder.device.type), logic.session.cache,
+                                               batch_size)
 
 
 def peak_voxel(values: Volume) -> tuple[int, int, int]:
@@ -158,7 +173,7 @@ class BrainDINOPage:
             path = self._path(name)
             self._show_progress(f"reading {name}", 0, 0)
             volume = await asyncio.to_thread(read_volume, path)
-            self._replace_volume(volume, Path(name).name)
+            self._replace_volume(volume, path.name)
         except Exception as error:  # noqa: BLE001  a bad file is a message, never a dead server
             self._fail(error)
             return
@@ -200,19 +215,14 @@ class BrainDINOPage:
 
         def work(progress, cancel):
             if self._model_key != (source, resolution):
-                self.logic.loadModel(source, self.config.device or "auto", policy_for=self._policy,
-                                     cache=self._cache(), batch_size=self.config.batch_size)
+                open_model(self.logic, source, self.config.device, self._policy, self.config.batch_size)
                 self._model_key = (source, resolution)
-            return then(self.logic.computeFeatures(volume, layers_for(), progress, cancel), progress, cancel)
+            return then(self.logic.features(volume, layers_for(), progress, cancel), progress, cancel)
 
         def done(result) -> None:
-            self.state.model_info = self.logic.describeModel()
+            self.state.model_info = self.logic.describe_model()
             on_done(result)
         self._run(label, work, done, on_error)
-
-    def _cache(self):
-        from ..cache import FeatureCache
-        return FeatureCache(self.config.cache_dir) if self.config.use_cache else None
 
     def compute(self) -> None:
         """Features with the blocks segmentation needs too (so every later action reuses them), then PCA."""
@@ -223,8 +233,8 @@ class BrainDINOPage:
             self._show_map("pca", rgb)
             self._finish(f"features of {features.num_slices} slices in {time.perf_counter() - started:.1f} s; "
                          "PCA colours shown")
-        self._with_features("features", self.logic.segmentationLayers,
-                            lambda features, progress, cancel: (features, self.logic.pcaMap(features)), show)
+        self._with_features("features", self.logic.segmentation_layers,
+                            lambda features, progress, cancel: (features, self.logic.pca_map(features)), show)
 
     def cancel(self) -> None:
         self.jobs.cancel()
@@ -232,28 +242,28 @@ class BrainDINOPage:
     # ---- maps ----------------------------------------------------------------------------------------------
 
     def show_pca(self) -> None:
-        self._with_features("PCA colours", tuple, lambda features, *_: self.logic.pcaMap(features),
+        self._with_features("PCA colours", tuple, lambda features, *_: self.logic.pca_map(features),
                             lambda rgb: (self._show_map("pca", rgb), self._finish("PCA colours shown")))
 
     def show_attention(self) -> None:
         """Last-block attention (its own forward passes: progress and cancel as for the features)."""
         volume = self._require_volume()
         self._with_features("attention", tuple,
-                            lambda features, progress, cancel: self.logic.attentionMap(volume, progress, cancel),
+                            lambda features, progress, cancel: self.logic.attention_map(volume, progress, cancel),
                             lambda attention: (self._show_map("attention", attention), self._finish("attention shown")))
 
     def show_clusters(self) -> None:
         count = int(self.state.clusters)
-        self._with_features(f"{count} clusters", tuple, lambda features, *_: self.logic.clusterMap(features, count),
+        self._with_features(f"{count} clusters", tuple, lambda features, *_: self.logic.cluster_map(features, count),
                             lambda clusters: (self._show_map("clusters", clusters),
                                               self._finish(f"{count} clusters shown")))
 
     def _show_map(self, name: str, values: Volume) -> None:
         """Show a map through the Logic (foreground: PCA, similarity, attention; label layer: clusters)."""
-        show = {"pca": self.logic.showPCA, "similarity": self.logic.showSimilarity,
-                "attention": self.logic.showAttention}.get(name)
+        show = {"pca": self.logic.show_pca, "similarity": self.logic.show_similarity,
+                "attention": self.logic.show_attention}.get(name)
         if show is None:
-            self.nodes[name] = self.logic.showClusters(values, self.node, self.nodes.get(name))
+            self.nodes[name] = self.logic.show_clusters(values, self.node, self.nodes.get(name))
             self._on_clusters_visible(True)
         else:
             self.nodes[name] = show(values, self.node, self.nodes.get(name), float(self.state.opacity))
@@ -301,7 +311,7 @@ class BrainDINOPage:
 
         def then(features, progress, cancel):
             started = time.perf_counter()
-            return self.logic.similarityMap(features, lps), time.perf_counter() - started
+            return self.logic.similarity_map(features, lps), time.perf_counter() - started
 
         def show(result) -> None:
             similarity, seconds = result
@@ -312,7 +322,7 @@ class BrainDINOPage:
             seed = voxel_of_point(similarity.geometry, lps)
             peak = peak_voxel(similarity)
             self.state.click_report = (
-                f"{view} click at RAS ({', '.join(f'{v:.1f}' for v in ras)}) = voxel {seed}: similarity "
+                f"{view} click at RAS ({', '.join(f'{v:.3f}' for v in ras)}) = voxel {seed}: similarity "
                 f"{float(similarity.array[seed]):.3f} there, peak {float(similarity.array[peak]):.3f} at voxel {peak}; "
                 f"map {seconds:.3f} s, shown {time.perf_counter() - shown:.3f} s, "
                 f"total {time.perf_counter() - clicked:.3f} s")
@@ -386,7 +396,7 @@ class BrainDINOPage:
             raise BrainDINOError(name, "is not on the grid of the loaded volume")
         self.state.brush = "off"
         node = self._painted()
-        self.logic.showSegmentation(painted.labels, self.node, painted.classes, node, name=node.GetName())
+        self.logic.show_segmentation(painted.labels, self.node, painted.classes, node, name=node.GetName())
         self.slicer_app.segmentation_editor.set_active_segmentation(node, self.node)
         with self.state:
             self.state.structures = self.slicer_app.segmentation_editor.get_segment_names()
@@ -397,7 +407,7 @@ class BrainDINOPage:
         """Fit a head on the painted slices and segment the whole volume (the Logic's paint-and-learn path)."""
         volume = self._require_volume()
         self.state.brush = "off"
-        painted = self.logic.paintedLabels(self.nodes.get("painted"), self.node)
+        painted = self.logic.painted_labels(self.nodes.get("painted"), self.node)
         started = time.perf_counter()
 
         def show(result) -> None:
@@ -405,11 +415,11 @@ class BrainDINOPage:
             self._finish(f"few-shot: {', '.join(painted.class_names)} learned from axial slices "
                          f"{', '.join(map(str, painted.slice_indices))} in {time.perf_counter() - started:.1f} s")
         self._with_features(f"learning from {len(painted.slice_indices)} slices", tuple,
-                            lambda features, progress, cancel: self.logic.fitFewShot(volume, painted, progress, cancel),
+                            lambda features, progress, cancel: self.logic.learn_from_painted(volume, painted, progress, cancel),
                             show)
 
     def _show_segmentation(self, name: str, labels: Volume, classes) -> None:
-        self.nodes[name] = self.logic.showSegmentation(labels, self.node, classes, self.nodes.get(name),
+        self.nodes[name] = self.logic.show_segmentation(labels, self.node, classes, self.nodes.get(name),
                                                        name=f"{self.node.GetName()} {name}")
         self.maps[name], self.classes[name] = labels, tuple(classes)
 
@@ -421,17 +431,17 @@ class BrainDINOPage:
         name = self.state.head_name
         if not name:
             raise BrainDINOError("head", "choose a head file in the list first")
-        head = self.logic.loadHead(self.data.resolve(name))
-        if head.task == "segmentation":
+        head = self.logic.load_head(self.data.resolve(name))
+        if head.card.task == "segmentation":
             self._with_features(f"segmenting with {name}", lambda: tuple(head.card.layers),
-                                lambda features, progress, cancel: self.logic.segmentWithHead(head, volume, progress,
+                                lambda features, progress, cancel: self.logic.segment_with_head(head, volume, progress,
                                                                                               cancel),
                                 lambda labels: (self._show_segmentation("head", labels, head.card.classes),
                                                 self._finish(f"segmented with {name}")))
             return
 
         def show(prediction: dict) -> None:
-            row = {"volume": self.node.GetName(), "head": name, **self.logic.predictionRow(prediction)}
+            row = {"volume": self.node.GetName(), "head": name, **flatten(prediction)}
             rows = [r for r in self.state.predictions if (r["volume"], r["head"]) != (row["volume"], name)] + [row]
             columns = list(dict.fromkeys(key for r in rows for key in r))
             with self.state:
@@ -439,7 +449,7 @@ class BrainDINOPage:
                 self.state.prediction_columns = [{"title": key, "key": key} for key in columns]
             self._finish(f"predicted with {name}")
         self._with_features(f"predicting with {name}", lambda: tuple(head.card.layers),
-                            lambda features, progress, cancel: self.logic.predictSubject(head, volume, progress,
+                            lambda features, progress, cancel: self.logic.predict_subject(head, volume, progress,
                                                                                          cancel), show)
 
     # ---- saving --------------------------------------------------------------------------------------------

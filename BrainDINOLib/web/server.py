@@ -23,6 +23,7 @@ from trame_slicer.core import SlicerApp  # noqa: E402
 from vtkmodules.vtkCommonCore import vtkLogger, vtkOutputWindow  # noqa: E402
 from wslink.websocket import LinkProtocol  # noqa: E402
 
+from ..cache import FeatureCache  # noqa: E402
 from ..errors import BrainDINOError  # noqa: E402
 from ..logic import BrainDINOLogic, Job  # noqa: E402
 from .config import ServeConfig  # noqa: E402
@@ -69,8 +70,9 @@ def serve(config: ServeConfig, announce: Callable[[str], None] = print) -> int:
     server.enable_module(trame_slicer_module)
     if config.token:
         server.add_protocol_to_configure(lambda root: root.registerLinkProtocol(TokenGate(config.token)))
-    logic = BrainDINOLogic()
-    page = BrainDINOPage(server, SlicerApp(), logic, Job, config)
+    slicer_app = SlicerApp()
+    logic = BrainDINOLogic(slicer_app.scene, cache=FeatureCache(config.cache_dir) if config.use_cache else None)
+    page = BrainDINOPage(server, slicer_app, logic, Job, config)
     build_page(server, page.views)
     if config.volume:
         page.state.volume_name = config.volume  # opened when the server starts
@@ -86,5 +88,5 @@ def serve(config: ServeConfig, announce: Callable[[str], None] = print) -> int:
         raise BrainDINOError(f"{config.host}:{config.port}", f"cannot listen there: {error.strerror or error}") \
             from None
     finally:
-        logic.worker.shutdown()  # a running job stops at its next check
+        logic.shutdown()  # a running job stops at its next check
     return 0
