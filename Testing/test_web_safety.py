@@ -1,5 +1,5 @@
 """What a page of `braindino serve` may do, checked without a browser: the data-folder jail, the output folder,
-the bind and token rules, and the command's refusals before anything slow is loaded."""
+the bind and token rules. The command's refusals before anything slow is loaded are in test_hostile_inputs.py."""
 from __future__ import annotations
 
 import os
@@ -7,7 +7,6 @@ import shutil
 
 import pytest
 
-from BrainDINOLib.cli import main
 from BrainDINOLib.errors import BrainDINOError
 from BrainDINOLib.web.safety import MIN_TOKEN_LENGTH, DataFolder, OutputFolder, connection_token, is_loopback
 from conftest import SAMPLE_T1
@@ -80,21 +79,3 @@ def test_loopback_and_tokens():
     for weak in ["", "short", "has a space in it!!", "x" * (MIN_TOKEN_LENGTH - 1)]:
         with pytest.raises(BrainDINOError, match="--token"):
             connection_token("0.0.0.0", weak)
-
-
-@pytest.mark.parametrize("arguments, problem", [
-    (["--host", "0.0.0.0", "--token", "short"], "--token: must be at least 16"),
-    (["--data", "/no/such/folder"], "no such data folder"),
-    (["--volume", "../atlas.py"], "outside the data folder"),
-    (["--volume", "missing.nii.gz"], "no such file in the data folder"),
-])
-def test_serve_refuses_before_starting(capsys, arguments, problem):
-    assert main(["serve", *arguments]) == 2
-    error = capsys.readouterr().err
-    assert problem in error and error.count("\n") == 1
-
-
-def test_serve_refuses_a_port_out_of_range(capsys):
-    with pytest.raises(SystemExit) as exited:
-        main(["serve", "--port", "70000"])
-    assert exited.value.code == 2 and "expected an integer from 0 to 65535" in capsys.readouterr().err
