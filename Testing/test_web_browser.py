@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from BrainDINOLib.atlas import COLIN27_AAL
+from BrainDINOLib.cli import main
 from BrainDINOLib.resolution import default_policy
 from BrainDINOLib.volume import ras_to_lps, read_volume, write_volume
 from conftest import SAMPLE_T1
@@ -30,6 +31,7 @@ SAMPLE = "sample: Colin27 T1 (bundled)"
 LABELLED_SLICES = (60, 85, 110)  # axial slices of the label file the page loads
 VOXEL = r"\((\d+), (\d+), (\d+)\)"
 # The server's resolution (demo model, 12 mm cells, bilinear upsampling: features in seconds on a CPU).
+SERVER_RESOLUTION = ("--patch-mm", "12", "--upsampling", "bilinear")
 POLICY = replace(default_policy("cpu"), patch_mm=12.0, image_size=None, upsampling="bilinear")
 
 
@@ -45,14 +47,20 @@ def folders(tmp_path_factory):
     write_volume(atlas.with_array(painted), data / "brain_labels.nii.gz")
     (data / "brain_labels.txt").write_text("1 brain\n")
     (data / "broken.nii.gz").write_bytes(SAMPLE_T1.read_bytes()[:5000])  # a download cut short
-    return {"data": data, "out": root / "out", "cache": root / "cache",
+    # A segmentation head for the page to apply: the command line's few-shot head, at the server's resolution
+    # (its features land in the server's cache), with the command line's segmentation to compare with.
+    cache, reference = root / "cache", root / "cli"
+    assert main(["few-shot", str(SAMPLE_T1), "--labels", str(data / "brain_labels.nii.gz"), "--out",
+                 str(reference / "brain.nii.gz"), "--head", str(data / "brain_head.safetensors"), "--device", "cpu",
+                 "--cache-dir", str(cache), *SERVER_RESOLUTION]) == 0
+    return {"data": data, "out": root / "out", "cache": cache, "cli_segmentation": reference / "brain.nii.gz",
             "screenshots": Path(os.environ.get("BRAINDINO_SCREENSHOTS") or root / "screenshots")}
 
 
 @pytest.fixture(scope="module")
 def server(folders):
     with serve("--data", str(folders["data"]), "--out", str(folders["out"]), "--cache-dir", str(folders["cache"]),
-               "--token", TOKEN, "--device", "cpu", "--patch-mm", "12", "--upsampling", "bilinear") as process:
+               "--token", TOKEN, "--device", "cpu", *SERVER_RESOLUTION) as process:
         yield process
 
 
@@ -192,6 +200,20 @@ def test_labels_from_a_file_and_few_shot_of_the_rest(page, folders):
     dice = 2 * (predicted & brain[others]).sum() / (predicted.sum() + brain[others].sum())
     assert dice > 0.7, dice  # the brain, learned from three slices, on the slices it was not shown
     screenshot(page, folders, "page_fewshot.png")
+
+
+def test_a_fitted_head_gives_the_command_lines_segmentation(page, folders):
+    choose(page, "head-select", "brain_head.safetensors")
+    before = text(page, "#status")
+    page.click("#apply-head")
+    status = wait_for_text(page, "#status", "^segmented|^stopped|^failed", timeout_s=120, other_than=before)
+    assert status == "segmented with brain_head.safetensors", text(page, "#error")
+    page.click("#save")
+    assert wait_for_text(page, "#status", "^saved|^stopped|^failed", timeout_s=120).startswith("saved")
+    shown = read_volume(folders["out"] / "colin27_t1_head.nii.gz")
+    cli = read_volume(folders["cli_segmentation"])
+    assert shown.geometry == cli.geometry and (shown.array == cli.array).mean() > 0.999
+    assert "1 brain\n" in (folders["out"] / "colin27_t1_head.txt").read_text()
 
 
 def test_a_long_run_can_be_cancelled_and_the_page_stays_live(page):
