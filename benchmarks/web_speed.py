@@ -91,7 +91,8 @@ def main() -> None:
     reason = missing_browser()
     if reason:
         sys.exit(f"web_speed: cannot run: {reason}")
-    settings = ["--patch-mm 12 --upsampling bilinear"] if args.smoke else (args.setting or ["", "--upsampling bilinear"])
+    default = ["", "--upsampling bilinear"]
+    settings = ["--patch-mm 12 --upsampling bilinear"] if args.smoke else (args.setting or default)
     clicks = 2 if args.smoke else args.clicks
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     for setting in settings:

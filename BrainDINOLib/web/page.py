@@ -323,7 +323,8 @@ class BrainDINOPage:
             peak = peak_voxel(similarity)
             self.state.click_report = (
                 f"{view} click at RAS ({', '.join(f'{v:.3f}' for v in ras)}) = voxel {seed}: similarity "
-                f"{float(similarity.array[seed]):.3f} there, peak {float(similarity.array[peak]):.3f} at voxel {peak}; "
+                f"{float(similarity.array[seed]):.3f} there, highest {float(similarity.array[peak]):.3f} "
+                f"at voxel {peak}; "
                 f"map {seconds:.3f} s, shown {time.perf_counter() - shown:.3f} s, "
                 f"total {time.perf_counter() - clicked:.3f} s")
             self._finish("similarity shown")
@@ -415,8 +416,8 @@ class BrainDINOPage:
             self._finish(f"few-shot: {', '.join(painted.class_names)} learned from axial slices "
                          f"{', '.join(map(str, painted.slice_indices))} in {time.perf_counter() - started:.1f} s")
         self._with_features(f"learning from {len(painted.slice_indices)} slices", tuple,
-                            lambda features, progress, cancel: self.logic.learn_from_painted(volume, painted, progress, cancel),
-                            show)
+                            lambda features, progress, cancel: self.logic.learn_from_painted(volume, painted, progress,
+                                                                                             cancel), show)
 
     def _show_segmentation(self, name: str, labels: Volume, classes) -> None:
         self.nodes[name] = self.logic.show_segmentation(labels, self.node, classes, self.nodes.get(name),
