@@ -35,6 +35,7 @@ MODULE_DIR = Path(__file__).resolve().parent
 REQUIREMENTS = MODULE_DIR / "Resources" / "requirements.txt"
 SAMPLE_NAME = "BrainDINOColin27T1"
 MINIMUM_SLICER = (5, 10)
+CASE_COLUMNS = ("Volume", "Segmentation", "Target", "Split")
 
 
 def ensure_engine_on_path() -> Path:
@@ -136,6 +137,20 @@ class PathLineEditToStrConnector(GuiConnector):
         self._widget.currentPath = value
 
 
+def headChoices() -> list:
+    """The heads the Fine-tune panel fits (BrainDINOLib.logic.HEAD_CHOICES); one placeholder where the engine
+    cannot be imported (an older Slicer: the module shows why instead of its panels)."""
+    try:
+        ensure_engine_on_path()
+        from BrainDINOLib.logic import HEAD_CHOICES
+    except (ImportError, SyntaxError, TypeError):
+        return ["segmentation, linear"]
+    return list(HEAD_CHOICES)
+
+
+HEAD_LABELS = headChoices()
+
+
 @parameterNodeWrapper
 class BrainDINOParameterNode:
     useDemoModel: bool = True
@@ -150,6 +165,10 @@ class BrainDINOParameterNode:
     outputSegmentation: vtkMRMLSegmentationNode
     subjectHead: str = ""
     predictionTable: vtkMRMLTableNode
+    fitHead: Annotated[str, Choice(HEAD_LABELS)] = HEAD_LABELS[0]
+    fitManifest: str = ""
+    fitTestFraction: Annotated[float, WithinRange(0.0, 0.5)] = 0.25
+    fitEpochs: Annotated[int, WithinRange(1, 5000)] = 200
     trainTask: Annotated[str, Choice(["prepare-slices", "pretrain", "make-cases", "fit-head", "evaluate"])] = "pretrain"
     trainArguments: str = ""
     # Outputs, remembered so that recomputing updates the same nodes.
@@ -232,6 +251,8 @@ class BrainDINOWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._observedPoint = None
         self._pendingPoint = False
         self._similarityRunning = False
+        self.fitRun = None  # the last fit (a BrainDINOLib.logic.FitRun) and what it fitted
+        self.fitRequest = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -269,6 +290,13 @@ class BrainDINOWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.openSegmentEditorButton.connect("clicked(bool)", self.onOpenSegmentEditor)
         self.ui.learnButton.connect("clicked(bool)", self.onLearn)
         self.ui.predictButton.connect("clicked(bool)", self.onPredict)
+        self.ui.fitCasesTable.setHorizontalHeaderLabels(list(CASE_COLUMNS))
+        self.ui.fitAddSceneCasesButton.connect("clicked(bool)", self.onAddSceneCases)
+        self.ui.fitClearCasesButton.connect("clicked(bool)", lambda: setattr(self.ui.fitCasesTable, "rowCount", 0))
+        self.ui.fitButton.connect("clicked(bool)", self.onFit)
+        self.ui.fitCancelButton.connect("clicked(bool)", self.onStopCommand)
+        self.ui.saveHeadButton.connect("clicked(bool)", self.onSaveHead)
+        self.ui.applyFittedHeadButton.connect("clicked(bool)", self.onApplyFittedHead)
         self.ui.startTrainingButton.connect("clicked(bool)", self.onStartCommand)
         self.ui.stopTrainingButton.connect("clicked(bool)", self.onStopCommand)
         self.initializeParameterNode()
@@ -354,9 +382,9 @@ class BrainDINOWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not worker.busy:
             self.ui.architectureLabel.text = self.logic.describe_model()
             self.ui.cancelButton.enabled = False
-            self.ui.progressBar.maximum = 1
-            self.ui.progressBar.value = 1
             if not running:
+                self.ui.progressBar.maximum = 1
+                self.ui.progressBar.value = 1
                 self.timer.stop()
 
     def onCancel(self) -> None:
@@ -548,6 +576,119 @@ class BrainDINOWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.run(f"Predicting with {path.stem}",
                      lambda progress, cancel: self.logic.predict_subject(head, volume, progress, cancel), show)
 
+    # ---- fine-tune heads ---------------------------------------------------------------------------------
+
+    def onAddSceneCases(self) -> None:
+        """One table row per volume of the scene that could be a case, with the segmentation drawn on it."""
+        table = self.ui.fitCasesTable
+        listed = {table.item(row, 0).data(qt.Qt.UserRole) for row in range(table.rowCount)}
+        for case in self.logic.scene_cases():
+            if case.volume.GetID() in listed:
+                continue
+            row = table.rowCount
+            table.rowCount = row + 1
+            for column, node in ((0, case.volume), (1, case.segmentation)):
+                item = qt.QTableWidgetItem(node.GetName() if node is not None else "")
+                item.setData(qt.Qt.UserRole, node.GetID() if node is not None else "")
+                table.setItem(row, column, item)
+            table.setItem(row, 2, qt.QTableWidgetItem(""))
+            table.setItem(row, 3, qt.QTableWidgetItem(case.split))
+
+    def tableCases(self) -> list:
+        """The table's rows as `SceneCase`s. A node cell whose text was edited names another node."""
+        from BrainDINOLib.logic import SceneCase
+
+        table, scene = self.ui.fitCasesTable, slicer.mrmlScene
+
+        def node(row: int, column: int):
+            item = table.item(row, column)
+            if item is None or not item.text().strip():
+                return None
+            chosen = scene.GetNodeByID(item.data(qt.Qt.UserRole) or "")
+            if chosen is None or chosen.GetName() != item.text().strip():
+                chosen = scene.GetFirstNodeByName(item.text().strip())
+            if chosen is None:
+                raise engineLogic().BrainDINOError(item.text(), "no node of that name in the scene")
+            return chosen
+
+        def text(row: int, column: int, default: str = "") -> str:
+            item = table.item(row, column)
+            return (item.text().strip() if item is not None else "") or default
+
+        return [SceneCase(node(row, 0), node(row, 1), text(row, 2), text(row, 3, "auto"))
+                for row in range(table.rowCount)]
+
+    def onFit(self) -> None:
+        """Fit the chosen head on the table's cases (or the manifest) in a child process, after the model."""
+        with slicer.util.tryWithErrorDisplay("The fit could not be started.", waitCursor=True):
+            if not self.requireReady():
+                return
+            from BrainDINOLib.logic import FitRequest
+
+            p = self._parameterNode
+            request = FitRequest.from_choice(p.fitHead, epochs=p.fitEpochs)
+            folder = Path(tempfile.mkdtemp(prefix="BrainDINO-fit-"))
+            self.ui.fitReportBrowser.setHtml("")
+            if p.fitManifest:
+                manifest = p.fitManifest
+                self.run("Preparing the fit", lambda progress, cancel: manifest,
+                         lambda manifest: self.startFit(manifest, request, folder))
+            else:
+                cases = self.logic.collect_cases(self.tableCases(), request.task, p.fitTestFraction)
+                self.run("Writing the cases", lambda progress, cancel: cases.write(folder / "cases"),
+                         lambda manifest: self.startFit(manifest, request, folder))
+
+    def startFit(self, manifest, request, folder: Path) -> None:
+        lines = []
+
+        def progress(stage: str, done: int, total: int) -> None:
+            self.ui.statusLabel.text = f"Fitting {request.task}: {stage}..."
+            self.ui.progressBar.maximum = max(total, 1)
+            self.ui.progressBar.value = done
+
+        self.fitRequest = request
+        self.fitRun = self.logic.start_fit(manifest, request, folder / "fit", on_line=lines.append,
+                                           on_progress=progress, env=slicer.util.startupEnvironment(),
+                                           on_finished=lambda code: self.onFitFinished(code, lines))
+        self.ui.fitButton.enabled = False
+        self.ui.fitCancelButton.enabled = True
+        self.ui.saveHeadButton.enabled = self.ui.applyFittedHeadButton.enabled = False
+        self.timer.start()
+
+    def onFitFinished(self, code: int, lines: list) -> None:
+        """The report (metrics and plots) in the panel, or why the fit did not finish."""
+        from html import escape
+
+        from BrainDINOLib.logic import FitReport
+
+        self.ui.fitButton.enabled = True
+        self.ui.fitCancelButton.enabled = False
+        if code == 0 and self.fitRun.head.is_file():
+            self.ui.statusLabel.text = f"Fitting {self.fitRequest.task}: done."
+            self.ui.fitReportBrowser.setHtml(FitReport.read(self.fitRun.report).html())
+            self.ui.saveHeadButton.enabled = self.ui.applyFittedHeadButton.enabled = True
+            return
+        outcome = "cancelled" if self.fitRun.process.cancelled else f"failed (exit code {code})"
+        self.ui.statusLabel.text = f"Fitting {self.fitRequest.task}: {outcome}."
+        self.ui.fitReportBrowser.setHtml(f"<p><b>The fit {outcome}.</b></p><pre>{escape(chr(10).join(lines[-20:]))}</pre>")
+
+    def onSaveHead(self) -> None:
+        with slicer.util.tryWithErrorDisplay("Saving the head failed."):
+            path = qt.QFileDialog.getSaveFileName(None, "Save the fitted head", "head.safetensors",
+                                                  "BrainDINO heads (*.safetensors)")
+            if path:
+                saved = self.logic.save_head(self.fitRun, path)
+                self.ui.statusLabel.text = f"Head saved to {saved}."
+
+    def onApplyFittedHead(self) -> None:
+        """The fitted head on the input volume: a segmentation, or a row of predictions."""
+        if self.fitRequest.task == "segmentation":
+            self._parameterNode.segmentationHead = str(self.fitRun.head)
+            self.onApplyHead()
+        else:
+            self._parameterNode.subjectHead = str(self.fitRun.head)
+            self.onPredict()
+
     # ---- command line (pretraining and power users) ------------------------------------------------------
 
     def onStartCommand(self) -> None:
@@ -636,9 +777,10 @@ class BrainDINOTest(ScriptedLoadableModuleTest):
             logic.shutdown()
 
 
-def runSelfTestFlow(logic, volumeNode, modelSource: str = "demo", examples: int = 3) -> dict:
+def runSelfTestFlow(logic, volumeNode, modelSource: str = "demo", examples: int = 3, atlas=None) -> dict:
     """The self-test's flow through the Logic: model -> features -> PCA -> similarity -> few-shot segmentation
-    from `examples` painted slices of the bundled AAL atlas's brain. Returns the figures the test checks."""
+    from `examples` painted slices of the AAL atlas's brain (`atlas`: a `Volume` on the volume's grid; None:
+    the bundled one, on the sample's grid). Returns the figures the test checks."""
     import numpy as np
 
     logic.load_model(modelSource, "cpu")
@@ -663,7 +805,8 @@ def runSelfTestFlow(logic, volumeNode, modelSource: str = "demo", examples: int 
     from BrainDINOLib import read_volume
     from BrainDINOLib.mrml import LabelClass, segmentation_from_labels
 
-    atlas = read_volume(ensure_engine_on_path() / "data" / "colin27_aal.nii.gz")
+    if atlas is None:
+        atlas = read_volume(ensure_engine_on_path() / "data" / "colin27_aal.nii.gz")
     labels = atlas.array > 0  # the brain as AAL outlines it: cortex, deep grey matter, cerebellum
     if atlas.shape != volume.shape:
         raise AssertionError(f"the atlas grid {atlas.shape} is not the sample's {volume.shape}")

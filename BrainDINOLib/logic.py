@@ -39,7 +39,7 @@ from .process import ChildProcess, braindino_command
 from .worker import Cancel, Job, Progress, TorchWorker
 
 __all__ = ["BrainDINOError", "BrainDINOLogic", "CancelledError", "CaseSet", "FitReport", "FitRequest", "FitRun",
-           "HEAD_CHOICES", "Job", "SceneCase", "TorchWorker"]
+           "HEAD_CHOICES", "Job", "OUTPUT_ATTRIBUTE", "SceneCase", "TorchWorker"]
 
 if TYPE_CHECKING:
     from .cache import FeatureCache
@@ -54,6 +54,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+OUTPUT_ATTRIBUTE = "BrainDINO.output"  # set on the nodes the Logic makes (maps, segmentations), never on inputs
 DEFAULT_CACHE = "default"  # `BrainDINOLogic(cache=...)`: the shared disk cache ($BRAINDINO_CACHE, ~/.cache/braindino)
 
 # What the fine-tuning panel offers: label -> (fit-head --task, --kind).
@@ -378,25 +379,25 @@ class BrainDINOLogic:
     def show_pca(self, rgb: Volume, reference, node=None, opacity: float = 0.5):
         from . import mrml
 
-        return mrml.show_rgb_map(rgb, reference, name=f"{reference.GetName()} PCA", node=node, opacity=opacity)
+        return _output(mrml.show_rgb_map(rgb, reference, name=f"{reference.GetName()} PCA", node=node, opacity=opacity))
 
     def show_similarity(self, similarity: Volume, reference, node=None, opacity: float = 0.5):
         from . import mrml
 
-        return mrml.show_scalar_map(similarity, reference, name=f"{reference.GetName()} similarity", node=node,
-                                    colors=mrml.HEAT_COLORS, value_range=(0.0, 1.0), opacity=opacity,
-                                    transparent_below=0.0)
+        return _output(mrml.show_scalar_map(similarity, reference, name=f"{reference.GetName()} similarity",
+                                            node=node, colors=mrml.HEAT_COLORS, value_range=(0.0, 1.0),
+                                            opacity=opacity, transparent_below=0.0))
 
     def show_attention(self, attention: Volume, reference, node=None, opacity: float = 0.5):
         from . import mrml
 
-        return mrml.show_scalar_map(attention, reference, name=f"{reference.GetName()} attention", node=node,
-                                    colors=mrml.HEAT_COLORS, opacity=opacity)
+        return _output(mrml.show_scalar_map(attention, reference, name=f"{reference.GetName()} attention",
+                                            node=node, colors=mrml.HEAT_COLORS, opacity=opacity))
 
     def show_clusters(self, clusters: Volume, reference, node=None):
         from . import mrml
 
-        return mrml.show_label_map(clusters, reference, name=f"{reference.GetName()} clusters", node=node)
+        return _output(mrml.show_label_map(clusters, reference, name=f"{reference.GetName()} clusters", node=node))
 
     def set_overlay_opacity(self, opacity: float) -> None:
         from . import mrml
@@ -449,8 +450,8 @@ class BrainDINOLogic:
         """Labels -> a segmentation node with one named, coloured segment per class."""
         from . import mrml
 
-        return mrml.segmentation_from_labels(labels, reference, [c for c in classes if c.value != 0],
-                                             name=name or f"{reference.GetName()} BrainDINO", node=node)
+        return _output(mrml.segmentation_from_labels(labels, reference, [c for c in classes if c.value != 0],
+                                                     name=name or f"{reference.GetName()} BrainDINO", node=node))
 
     # ---- subject predictions ---------------------------------------------------------------------------------
 
@@ -501,6 +502,23 @@ class BrainDINOLogic:
             self.process.kill()
 
     # ---- fine-tuning heads ----------------------------------------------------------------------------------
+
+    def scene_cases(self) -> list[SceneCase]:
+        """The scene's volumes that could be labelled cases (scalar volumes this Logic did not make), each with
+        the segmentation drawn on it (the last one whose reference geometry is that volume), if any."""
+        def nodes(class_name: str) -> list:
+            return [self.scene.GetNthNodeByClass(i, class_name)
+                    for i in range(self.scene.GetNumberOfNodesByClass(class_name))]
+
+        drawn_on = {}
+        for segmentation in nodes("vtkMRMLSegmentationNode"):
+            reference = segmentation.GetNodeReference(
+                segmentation.GetReferenceImageGeometryReferenceRole())
+            if reference is not None and not segmentation.GetAttribute(OUTPUT_ATTRIBUTE):
+                drawn_on[reference.GetID()] = segmentation
+        return [SceneCase(volume, drawn_on.get(volume.GetID())) for volume in nodes("vtkMRMLScalarVolumeNode")
+                if not volume.IsA("vtkMRMLLabelMapVolumeNode") and not volume.IsA("vtkMRMLVectorVolumeNode")
+                and not volume.GetAttribute(OUTPUT_ATTRIBUTE)]
 
     def collect_cases(self, cases: Sequence[SceneCase], task: str, test_fraction: float = 0.25,
                       seed: int = 0) -> CaseSet:
@@ -591,6 +609,12 @@ class BrainDINOLogic:
             with atomic_path(path.with_suffix(".json")) as temporary:
                 shutil.copyfile(card, temporary)
         return path
+
+
+def _output(node):
+    """Mark a node as made by BrainDINO (so it is never offered as an input case)."""
+    node.SetAttribute(OUTPUT_ATTRIBUTE, "1")
+    return node
 
 
 def resolution_arguments(policy: ResolutionPolicy) -> list[str]:
