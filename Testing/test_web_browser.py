@@ -163,12 +163,14 @@ def test_a_click_sets_the_similarity_point(page, folders):
 def test_painting_and_few_shot_segmentation(page, folders):
     page.click("#brush-paint")
     wait_for_text(page, "#structures", "structure 1")
+    wait_for_text(page, "#brush-status", "^painting with a 8 mm brush")
     start = point_in(page, "Red", 0.4, 0.5)
     page.mouse.move(*start)
     page.mouse.down()
     for step in range(1, 13):
         page.mouse.move(start[0] + 6 * step, start[1], steps=2)
     page.mouse.up()
+    wait_for_text(page, "#painted-status", r"^painted axial slices \d+$")
     before = text(page, "#status")
     page.click("#learn")
     status = wait_for_text(page, "#status", "^few-shot|^stopped|^failed", timeout_s=120, other_than=before)

@@ -89,7 +89,8 @@ class BrainDINOPage:
             "heads": files, "head_name": None, "label_files": self.data.volumes(), "labels_name": None,
             "busy": False, "progress": 0, "status": "", "error": "", "model_info": "",
             "overlays": [], "overlay": None, "opacity": 0.5, "clusters": 8, "clusters_visible": True,
-            "click_report": "", "brush": "off", "brush_mm": 8.0, "structure": "", "structures": [],
+            "click_report": "", "brush": "off", "brush_status": "", "painted_status": "", "brush_mm": 8.0,
+            "structure": "", "structures": [],
             "predictions": [], "prediction_columns": [], "saved": "", "memory_mib": rss_mib(),
         })
         for name, handler in {"volume_name": self._on_volume_name, "overlay": self._on_overlay,
@@ -350,7 +351,21 @@ class BrainDINOPage:
             self.nodes["painted"] = node
             editor.set_active_segmentation(node, self.node)
             self._add_segment(self.state.structure or "structure 1")
+            from slicer import vtkSegmentation
+
+            node.GetSegmentation().AddObserver(vtkSegmentation.SourceRepresentationModified,
+                                               lambda *_: self._show_painted())
         return node
+
+    def _show_painted(self) -> None:
+        """Say which axial slices hold paint, after each stroke the server applied (a stroke's mouse events and
+        the page's buttons travel on different channels: this is what tells that a stroke has landed)."""
+        try:
+            painted = self.logic.painted_labels(self.nodes.get("painted"), self.node)
+            self.state.painted_status = f"painted axial slices {', '.join(map(str, painted.slice_indices))}"
+        except BrainDINOError:
+            self.state.painted_status = "nothing painted"
+        self.state.flush()
 
     def _add_segment(self, name: str) -> None:
         editor = self.slicer_app.segmentation_editor
@@ -375,10 +390,14 @@ class BrainDINOPage:
         editor = self.slicer_app.segmentation_editor
         if brush == "off" or self.volume is None:
             editor.deactivate_effect()
+            self.state.brush_status = ""
             return
         self._painted()
         effect = editor.set_active_effect_type(SegmentationEffectPaint if brush == "paint" else SegmentationEffectErase)
         effect.set_brush_diameter(float(brush_mm), BrushDiameterMode.Absolute)
+        # Said once the brush is active: a stroke sent before would arrive as clicks (mouse events and state
+        # changes travel on different channels).
+        self.state.brush_status = f"{'painting' if brush == 'paint' else 'erasing'} with a {float(brush_mm):g} mm brush"
 
     def load_labels(self) -> None:
         """A label file from the data folder (a few painted axial slices, `braindino few-shot --labels`) into the

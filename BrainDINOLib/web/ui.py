@@ -69,6 +69,8 @@ def build_page(server, views: SliceViews, title: str = "BrainDINO"):
                 v3.VBtn("Erase", value="erase", id="brush-erase", size="small")
             v3.VSlider(label="Brush mm", v_model=("brush_mm",), min=1, max=40, step=1, id="brush-mm",
                        thumb_label=True, **COMPACT)
+            html.Div("{{ brush_status }}", id="brush-status", classes="text-caption")
+            html.Div("{{ painted_status }}", id="painted-status", classes="text-caption")
             with html.Div(classes="d-flex align-center"):
                 v3.VTextField(v_model=("structure",), label="new structure", id="structure-name", **COMPACT)
                 _button("Add", ctrl.add_structure, "add-structure")
