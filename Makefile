@@ -3,6 +3,7 @@ VENV   ?= .venv
 PYTHON ?= python3
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.braindino-installed
+WEB    := $(VENV)/.braindino-web-installed
 
 .PHONY: setup demo test benchmark clean
 
@@ -17,7 +18,12 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(VENV)/bin/braindino demo --out demo-output
 
-test: setup
+# The tests also drive `braindino serve` in a browser: they need the web extra, which `make demo` does without.
+$(WEB): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[test,web]'
+	touch $(WEB)
+
+test: setup $(WEB)
 	$(PY) -m pytest -q
 
 benchmark: setup

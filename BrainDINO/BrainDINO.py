@@ -1,35 +1,31 @@
 """BrainDINO: brain-MRI foundation-model features, maps, segmentations and predictions inside 3D Slicer.
 
-A thin module: every computation is a call into the `BrainDINOLib` engine, every MRML read or write goes
-through `BrainDINOLib.mrml`. `BrainDINOLogic` orchestrates the two and never touches Qt, so it runs the same
-from the widget, the self-test or the Python console. Torch work runs on one persistent worker thread
-(`TorchWorker`) with a cooperative cancel flag; the widget polls it with a QTimer and applies results to
-the scene on the main thread. Training runs in a child process.
+A thin module. Every computation and every scene change is a call into `BrainDINOLib.logic.BrainDINOLogic`
+(Qt-free, shared with the web page and usable from the Python console); this file holds only Slicer's side:
+the parameter node, the widget wiring (widgets to parameters, buttons to Logic calls, the worker's progress
+to the progress bar), dependency installation through Slicer's installers, sample data and the self-test.
+
+Supports Slicer 5.10 and later (Python 3.12). Older Slicers (5.8 ships Python 3.9) load this file and get a
+message instead of the panels, so nothing here may need Python 3.10 at import time.
 """
-import contextlib
-import importlib.metadata
 import importlib.util
-import inspect
 import logging
 import os
-import queue
-import re
-import shlex
-import shutil
 import sys
+import tempfile
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
+import ctk
 import qt
 import vtk
 
 import slicer
 from slicer import (vtkMRMLLabelMapVolumeNode, vtkMRMLMarkupsFiducialNode, vtkMRMLScalarVolumeNode,
                     vtkMRMLSegmentationNode, vtkMRMLTableNode, vtkMRMLVectorVolumeNode)
-from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.parameterNodeWrapper import (Choice, GuiConnector, WithinRange, parameterNodeGuiConnector,
+                                         parameterNodeWrapper)
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
@@ -38,14 +34,15 @@ from slicer.util import VTKObservationMixin
 MODULE_DIR = Path(__file__).resolve().parent
 REQUIREMENTS = MODULE_DIR / "Resources" / "requirements.txt"
 SAMPLE_NAME = "BrainDINOColin27T1"
-TORCH_REQUIREMENT = ">=2.1"
+MINIMUM_SLICER = (5, 10)
+CASE_COLUMNS = ("Volume", "Segmentation", "Target", "Split")
 
 
 def ensure_engine_on_path() -> Path:
     """The folder of the `BrainDINOLib` package, put on sys.path when running from a source checkout.
 
     Installed extensions ship it next to this module (qt-scripted-modules/BrainDINOLib); a source checkout
-    has it one level up. Nothing is imported: torch may not be installed yet.
+    has it one level up. Nothing heavy is imported: torch may not be installed yet.
     """
     spec = importlib.util.find_spec("BrainDINOLib")
     if spec is None:
@@ -56,6 +53,16 @@ def ensure_engine_on_path() -> Path:
     if spec is None or spec.origin is None:
         raise ImportError("the BrainDINOLib engine is not installed next to the BrainDINO module")
     return Path(spec.origin).parent
+
+
+def unsupportedSlicer():
+    """A sentence saying why this Slicer cannot run BrainDINO, or "" when it can."""
+    version = (int(slicer.app.majorVersion), int(slicer.app.minorVersion))
+    if version >= MINIMUM_SLICER and sys.version_info >= (3, 10):
+        return ""
+    return ("BrainDINO needs 3D Slicer {}.{} or later (Python 3.10 or later); this is Slicer {}.{} with Python {}.{}. "
+            "Install a current Slicer from https://download.slicer.org and BrainDINO again."
+            .format(*MINIMUM_SLICER, *version, *sys.version_info[:2]))
 
 
 #
@@ -72,9 +79,14 @@ class BrainDINO(ScriptedLoadableModule):
         self.parent.helpText = (
             "Brain-MRI features from a frozen self-supervised ViT (DINOv3-style): PCA colour maps, similarity "
             "to a clicked point, attention and clusters; segmentation from a saved head or from a few painted "
-            "slices; subject-level predictions; and launching pretraining or head fitting.")
+            "slices; subject-level predictions; fine-tuning heads on the labelled cases in the scene; and "
+            "launching pretraining.")
         self.parent.acknowledgementText = (
             "Sample data: Colin27 T1 from the MRIcron templates (BSD-3-Clause). Models run with PyTorch and timm.")
+        problem = unsupportedSlicer()
+        if problem:
+            self.parent.helpText = problem + "\n\n" + self.parent.helpText
+            return
         slicer.app.connect("startupCompleted()", registerSampleData)
 
 
@@ -93,20 +105,70 @@ def registerSampleData():
 # Parameter node
 #
 
+@parameterNodeGuiConnector
+class PathLineEditToStrConnector(GuiConnector):
+    """A file path kept as text, so an unset path is "" (Slicer's Path parameters default to "." and show it)."""
+
+    @staticmethod
+    def canRepresent(widget, datatype) -> bool:
+        return type(widget) == ctk.ctkPathLineEdit and datatype == str
+
+    @staticmethod
+    def create(widget, datatype):
+        return PathLineEditToStrConnector(widget) if PathLineEditToStrConnector.canRepresent(widget, datatype) else None
+
+    def __init__(self, widget):
+        super().__init__()
+        self._widget = widget
+
+    def _connect(self):
+        self._widget.currentPathChanged.connect(self.changed)
+
+    def _disconnect(self):
+        self._widget.currentPathChanged.disconnect(self.changed)
+
+    def widget(self):
+        return self._widget
+
+    def read(self) -> str:
+        return self._widget.currentPath
+
+    def write(self, value: str) -> None:
+        self._widget.currentPath = value
+
+
+def headChoices() -> list:
+    """The heads the Fine-tune panel fits (BrainDINOLib.logic.HEAD_CHOICES); one placeholder where the engine
+    cannot be imported (an older Slicer: the module shows why instead of its panels)."""
+    try:
+        ensure_engine_on_path()
+        from BrainDINOLib.logic import HEAD_CHOICES
+    except (ImportError, SyntaxError, TypeError):
+        return ["segmentation, linear"]
+    return list(HEAD_CHOICES)
+
+
+HEAD_LABELS = headChoices()
+
+
 @parameterNodeWrapper
 class BrainDINOParameterNode:
     useDemoModel: bool = True
-    modelFile: Path
+    modelFile: str = ""
     device: Annotated[str, Choice(["auto", "cuda", "cpu", "mps"])] = "auto"
     inputVolume: vtkMRMLScalarVolumeNode
     overlayOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     similarityPoint: vtkMRMLMarkupsFiducialNode
     clusterCount: Annotated[int, WithinRange(2, 32)] = 8
-    segmentationHead: Path
+    segmentationHead: str = ""
     paintedSegmentation: vtkMRMLSegmentationNode
     outputSegmentation: vtkMRMLSegmentationNode
-    subjectHead: Path
+    subjectHead: str = ""
     predictionTable: vtkMRMLTableNode
+    fitHead: Annotated[str, Choice(HEAD_LABELS)] = HEAD_LABELS[0]
+    fitManifest: str = ""
+    fitTestFraction: Annotated[float, WithinRange(0.0, 0.5)] = 0.25
+    fitEpochs: Annotated[int, WithinRange(1, 5000)] = 200
     trainTask: Annotated[str, Choice(["prepare-slices", "pretrain", "make-cases", "fit-head", "evaluate"])] = "pretrain"
     trainArguments: str = ""
     # Outputs, remembered so that recomputing updates the same nodes.
@@ -116,349 +178,74 @@ class BrainDINOParameterNode:
     clusterVolume: vtkMRMLLabelMapVolumeNode
 
 
-#
-# Worker thread
-#
-
-@dataclass
-class Job:
-    label: str
-    work: Callable[[Callable[[int, int], None], Callable[[], bool]], Any]  # (progress, cancel) -> result
-    onDone: Callable[[Any], None] | None = None
-    onError: Callable[[BaseException], None] | None = None
+def getParameterNode():
+    """The module's parameter node in `slicer.mrmlScene` (a singleton scripted-module node, saved with the scene)."""
+    logic = ScriptedLoadableModuleLogic()
+    logic.moduleName = "BrainDINO"
+    return BrainDINOParameterNode(logic.getParameterNode())
 
 
-class TorchWorker:
-    """One persistent thread that runs torch jobs one at a time, so the UI never blocks on a model.
+def engineLogic():
+    """The `BrainDINOLib.logic` module (light to import: it loads torch only when a model is used)."""
+    ensure_engine_on_path()
+    import BrainDINOLib.logic
 
-    Jobs get `progress(done, total)` and `cancel()` (the cooperative flag that `cancel` sets). Results and
-    errors are queued; `poll()`, called from the main thread (a QTimer in the widget), hands them to the
-    job's callbacks there, so MRML is only ever touched from the main thread.
-    """
-
-    def __init__(self):
-        self._jobs: queue.Queue[Job | None] = queue.Queue()
-        self._finished: queue.Queue[tuple[Job, Any, BaseException | None]] = queue.Queue()
-        self._cancel = threading.Event()
-        self._lock = threading.Lock()
-        self._progress = (0, 0)
-        self._current: Job | None = None
-        self._thread = threading.Thread(target=self._run, name="BrainDINO torch worker", daemon=True)
-        self._thread.start()
-
-    def submit(self, job: Job) -> None:
-        self._jobs.put(job)
-
-    def cancel(self) -> None:
-        """Stop the running job at its next check and drop the queued ones."""
-        while True:
-            try:
-                self._jobs.get_nowait()
-            except queue.Empty:
-                break
-            self._jobs.task_done()
-        self._cancel.set()
-
-    @property
-    def busy(self) -> bool:
-        return self._current is not None or not self._jobs.empty() or not self._finished.empty()
-
-    def status(self) -> tuple[str, int, int]:
-        """(label of the running job or "", done, total)."""
-        with self._lock:
-            return (self._current.label if self._current else "", *self._progress)
-
-    def poll(self) -> int:
-        """Run the callbacks of finished jobs on the calling thread; return how many finished."""
-        count = 0
-        while True:
-            try:
-                job, result, error = self._finished.get_nowait()
-            except queue.Empty:
-                return count
-            count += 1
-            if error is None:
-                if job.onDone:
-                    job.onDone(result)
-            elif job.onError:
-                job.onError(error)
-            else:
-                logging.error("BrainDINO: %s failed: %s", job.label, error)
-
-    def wait(self) -> None:
-        """Block until every submitted job finished and run their callbacks (scripts and tests)."""
-        self._jobs.join()
-        self.poll()
-
-    def shutdown(self) -> None:
-        self.cancel()
-        self._jobs.put(None)
-
-    def _report(self, done: int, total: int) -> None:
-        with self._lock:
-            self._progress = (int(done), int(total))
-
-    def _run(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                self._jobs.task_done()
-                return
-            self._cancel.clear()
-            with self._lock:
-                self._current, self._progress = job, (0, 0)
-            try:
-                outcome = (job, job.work(self._report, self._cancel.is_set), None)
-            except BaseException as error:  # handed to the main thread, which shows it
-                outcome = (job, None, error)
-            with self._lock:
-                self._current = None
-            self._finished.put(outcome)
-            self._jobs.task_done()
+    return BrainDINOLib.logic
 
 
 #
-# Logic
+# Dependencies, through Slicer's installers
 #
 
-class BrainDINOLogic(ScriptedLoadableModuleLogic):
-    """Orchestrates BrainDINOLib (computations, on any thread) and BrainDINOLib.mrml (scene, main thread).
+def installTorch(torchSpecifier, torchvisionSpecifier):
+    """PyTorch through the PyTorch extension (matched to the GPU driver), without asking again."""
+    try:
+        import PyTorchUtils
+    except ImportError:
+        raise engineLogic().BrainDINOError(
+            "PyTorch extension", "is not installed: install it from the Extensions Manager and restart Slicer")
+    torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
+        askConfirmation=False, torchVersionRequirement=torchSpecifier, torchvisionVersionRequirement=torchvisionSpecifier)
+    return torch is not None
 
-    Methods that take nodes must run on the main thread; `compute*`, `*Map` and `fit*` methods take engine
-    objects only and are what the widget runs on the worker thread.
-    """
 
-    def __init__(self):
-        ScriptedLoadableModuleLogic.__init__(self)
-        self.worker = TorchWorker()
-        self.session = None  # BrainDINOLib's FeatureSession: the model, its resolution and the feature caches
-        self._similarity: tuple[int, Any] | None = None  # (id of the features, SimilarityIndex)
-        self.trainingProcess = None
+def installPackages(requirements, constraints):
+    """pip requirement lines into Slicer's Python under `constraints` (the installed torch, pinned), through
+    Slicer's `pip_ensure` (`slicer.pydeps` from 5.11, `slicer.packaging` in later layouts; it takes `Requirement`
+    objects and offers a restart when a loaded package changed), else `slicer.util.pip_install`. Already asked:
+    no second question."""
+    from packaging.requirements import Requirement
 
-    def getParameterNode(self) -> BrainDINOParameterNode:
-        return BrainDINOParameterNode(super().getParameterNode())
-
-    # ---- dependencies ------------------------------------------------------------------------------------
-
-    @staticmethod
-    def requirements() -> list[str]:
-        lines = REQUIREMENTS.read_text().splitlines()
-        return [line.split("#")[0].strip() for line in lines if line.split("#")[0].strip()]
-
-    @staticmethod
-    def missingRequirements() -> list[str]:
-        """Requirements whose distribution is not installed (version pins are checked by pip when installing)."""
-        missing = []
-        for requirement in BrainDINOLogic.requirements():
-            name = re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0]
-            try:
-                importlib.metadata.version(name)
-            except importlib.metadata.PackageNotFoundError:
-                missing.append(requirement)
-        return missing
-
-    @staticmethod
-    def torchInstalled() -> bool:
-        return importlib.util.find_spec("torch") is not None
-
-    @staticmethod
-    def engine():
-        """The BrainDINOLib package (imported on first use: it needs torch)."""
-        ensure_engine_on_path()
-        import BrainDINOLib
-        import BrainDINOLib.mrml  # noqa: F401  (the MRML adapter is not imported by the package itself)
-        return BrainDINOLib
-
-    # ---- model -------------------------------------------------------------------------------------------
-
-    def loadModel(self, source: str, device: str = "auto"):
-        """Load an encoder (a checkpoint path or a built-in name such as "demo") at its device's default
-        resolution, with the shared disk feature cache; any thread."""
-        from BrainDINOLib.session import FeatureSession
-        self.session = FeatureSession.open(source, None if device == "auto" else device,
-                                           cache=self.engine().FeatureCache())
-        self._similarity = None
-        return self.session.encoder
-
-    @property
-    def encoder(self):
-        return None if self.session is None else self.session.encoder
-
-    def describeModel(self) -> str:
-        if self.session is None:
-            return "no model loaded"
-        encoder = self.session.encoder
-        return (f"{encoder.architecture.describe()}; {encoder.num_parameters / 1e6:.1f} M parameters; "
-                f"{encoder.model_id}; {self.session.describe()}")
-
-    def requireModel(self):
-        if self.session is None:
-            raise self.engine().BrainDINOError("model", "no model loaded; choose one and click Load model")
-        return self.session.encoder
-
-    # ---- features ----------------------------------------------------------------------------------------
-
-    def volumeFromNode(self, volumeNode):
-        """The input volume node as an engine `Volume` (main thread)."""
-        if volumeNode is None:
-            raise self.engine().BrainDINOError("input", "no input volume selected")
-        return self.engine().mrml.volume_from_node(volumeNode)
-
-    def computeFeatures(self, volume, layers: tuple[int, ...] = (), progress=None, cancel=None):
-        """Features of `volume` under the loaded model holding at least the intermediate `layers`: from memory,
-        from the disk cache (`$BRAINDINO_CACHE`), or computed (any thread)."""
-        self.requireModel()
-        return self.session.features(volume, layers, progress=progress, cancel=cancel)
-
-    def segmentationLayers(self) -> tuple[int, ...]:
-        self.requireModel()
-        return self.session.segmentation_layers
-
-    # ---- explore -----------------------------------------------------------------------------------------
-
-    def pcaMap(self, features):
-        from BrainDINOLib.maps import pca_map
-        return pca_map(features, components=3).rgb
-
-    def similarityMap(self, features, pointLps):
-        """Similarity to `pointLps` (LPS mm); the index is kept, so dragging the point is fast."""
-        from BrainDINOLib.maps import SimilarityIndex
-        if self._similarity is None or self._similarity[0] != id(features):
-            self._similarity = (id(features), SimilarityIndex(features))
-        return self._similarity[1].map(pointLps)
-
-    def attentionMap(self, volume, progress=None, cancel=None):
-        from BrainDINOLib.maps import attention_map
-        self.requireModel()
-        return attention_map(self.session, volume, progress=progress, cancel=cancel).mean
-
-    def clusterMap(self, features, count: int):
-        from BrainDINOLib.maps import cluster_map
-        return cluster_map(features, k=int(count))
-
-    def showPCA(self, rgb, referenceNode, node=None, opacity: float = 0.5):
-        return self.engine().mrml.show_rgb_map(rgb, referenceNode, name=f"{referenceNode.GetName()} PCA", node=node,
-                                               opacity=opacity)
-
-    def showSimilarity(self, similarity, referenceNode, node=None, opacity: float = 0.5):
-        mrml = self.engine().mrml
-        return mrml.show_scalar_map(similarity, referenceNode, name=f"{referenceNode.GetName()} similarity",
-                                    node=node, colors=mrml.HEAT_COLORS, value_range=(0.0, 1.0), opacity=opacity,
-                                    transparent_below=0.0)
-
-    def showAttention(self, attention, referenceNode, node=None, opacity: float = 0.5):
-        mrml = self.engine().mrml
-        return mrml.show_scalar_map(attention, referenceNode, name=f"{referenceNode.GetName()} attention",
-                                    node=node, colors=mrml.HEAT_COLORS, opacity=opacity)
-
-    def showClusters(self, clusters, referenceNode, node=None):
-        return self.engine().mrml.show_label_map(clusters, referenceNode, name=f"{referenceNode.GetName()} clusters",
-                                                 node=node)
-
-    def pointLps(self, markupsNode, referenceNode):
-        """The probe: the last control point of the markups node, in LPS mm in the volume's frame."""
-        return self.engine().mrml.point_lps(markupsNode, markupsNode.GetNumberOfControlPoints() - 1, referenceNode)
-
-    # ---- segment -----------------------------------------------------------------------------------------
-
-    def loadHead(self, path):
-        from BrainDINOLib.heads import load_head
-        return load_head(path)
-
-    def segmentWithHead(self, head, volume, progress=None, cancel=None):
-        """Label volume from a saved segmentation head, on features with the blocks the head reads."""
-        from BrainDINOLib.heads import segment
-        features = self.computeFeatures(volume, tuple(head.card.layers), progress, cancel)
-        return segment(head, features)
-
-    def paintedLabels(self, segmentationNode, referenceNode):
-        if segmentationNode is None:
-            raise self.engine().BrainDINOError("segmentation", "choose the segmentation you painted")
-        return self.engine().mrml.painted_labels(segmentationNode, referenceNode)
-
-    def fitFewShot(self, volume, painted, progress=None, cancel=None):
-        """Fit a head on the painted slices and segment the whole volume (few-shot), as `braindino few-shot`."""
-        from BrainDINOLib.heads.painted import learn_from_painted
-        self.requireModel()
-        return learn_from_painted(self.session, volume, painted, progress=progress, cancel=cancel)
-
-    def showSegmentation(self, labels, referenceNode, classes, node=None, name: str = ""):
-        """Labels -> a segmentation node with one named, coloured segment per class."""
-        return self.engine().mrml.segmentation_from_labels(
-            labels, referenceNode, classes, name=name or f"{referenceNode.GetName()} BrainDINO", node=node)
-
-    # ---- predict -----------------------------------------------------------------------------------------
-
-    def predictSubject(self, head, volume, progress=None, cancel=None) -> dict:
-        if head.task == "segmentation":
-            raise self.engine().BrainDINOError(head.card.kind, "is a segmentation head; use the Segment panel")
-        features = self.computeFeatures(volume, tuple(head.card.layers), progress, cancel)
-        return head.predict(features)
-
-    def showPrediction(self, prediction: dict, headName: str, subjectName: str, tableNode=None):
-        """Add (or replace) the row of this head and subject in the results table."""
-        mrml = self.engine().mrml
-        row = {"subject": subjectName, "head": headName, **_flatten(prediction)}
-        rows = [] if tableNode is None else [
-            r for r in mrml.rows_from_table(tableNode) if (r.get("subject"), r.get("head")) != (subjectName, headName)]
-        return mrml.table_from_rows([*rows, row], scene=slicer.mrmlScene, name="BrainDINO predictions", node=tableNode)
-
-    # ---- train -------------------------------------------------------------------------------------------
-
-    @staticmethod
-    def trainingCommand(task: str, arguments: str) -> list[str]:
-        """`braindino <task> <arguments>` run by Slicer's own Python (PythonSlicer)."""
-        python = shutil.which("PythonSlicer") or sys.executable
-        return [python, "-m", "BrainDINOLib.cli", task, *shlex.split(arguments)]
-
-    def startTraining(self, task: str, arguments: str, onLine: Callable[[str], None],
-                      onFinished: Callable[[int], None]):
-        """Launch training as a child process whose output streams to `onLine`; `stopTraining` kills it."""
-        if self.trainingProcess is not None and self.trainingProcess.poll() is None:
-            raise self.engine().BrainDINOError(task, "a training run is already in progress")
-        command = self.trainingCommand(task, arguments)
-        environment = {"PYTHONPATH": os.pathsep.join(p for p in (str(ensure_engine_on_path().parent),
-                                                                 os.environ.get("PYTHONPATH", "")) if p),
-                       "PYTHONUNBUFFERED": "1"}
-        onLine("$ " + shlex.join(command))
-
-        def finished(code: int) -> None:
-            self.trainingProcess = None
-            onFinished(code)
-
-        if "blocking" not in inspect.signature(slicer.util.launchConsoleProcess).parameters:
-            raise self.engine().BrainDINOError("Slicer", "this Slicer cannot stream a child process's output; "
-                                                         "use a newer Slicer, or run the command in a terminal")
-        self.trainingProcess = slicer.util.launchConsoleProcess(
-            command, updateEnvironment=environment, blocking=False, logCallback=onLine, completedCallback=finished)
-        return self.trainingProcess
-
-    def stopTraining(self) -> None:
-        """Kill the training process and everything it started (torchrun workers, data loaders)."""
-        if self.trainingProcess is None or self.trainingProcess.poll() is not None:
+    ensurer = pipEnsure()
+    with tempfile.TemporaryDirectory() as folder:
+        constraintsFile = Path(folder) / "constraints.txt"
+        constraintsFile.write_text("\n".join(constraints) + "\n")
+        if ensurer is None:
+            slicer.util.pip_install(["-c", str(constraintsFile), *requirements])
             return
-        import psutil
+        ensurer([Requirement(r) for r in requirements], constraints=constraintsFile, prompt_install=False,
+                requester="BrainDINO")
+
+
+def pipEnsure():
+    """Slicer's `pip_ensure`, wherever this Slicer keeps it; None where it has none (then pip_install)."""
+    for name in ("slicer.pydeps", "slicer.packaging"):
         try:
-            process = psutil.Process(self.trainingProcess.pid)
-            for child in process.children(recursive=True):
-                child.kill()
-            process.kill()
-        except psutil.NoSuchProcess:
-            pass
+            return getattr(importlib.import_module(name), "pip_ensure")
+        except (ImportError, AttributeError):
+            continue
+    return None
 
 
-def _flatten(prediction: dict, prefix: str = "") -> dict:
-    """Nested prediction dicts -> one flat row (e.g. {"probabilities": {"a": .2}} -> {"probabilities.a": .2})."""
-    row = {}
-    for key, value in prediction.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            row.update(_flatten(value, f"{name}."))
-        elif isinstance(value, (list, tuple)):
-            row.update({f"{name}[{i}]": v for i, v in enumerate(value)})
-        else:
-            row[name] = value.item() if hasattr(value, "item") else value
-    return row
+def ensureDependencies():
+    """Install what BrainDINO lacks after one question; a `DependencyState` (a decline is not an error)."""
+    engineLogic()
+    from BrainDINOLib.dependencies import DependencyInstaller, Requirements
+
+    def confirm(question, details):
+        return slicer.util.confirmOkCancelDisplay(question, "BrainDINO: install dependencies", detailedText=details)
+
+    return DependencyInstaller(Requirements.read(REQUIREMENTS), confirm, installTorch, installPackages).ensure()
 
 
 #
@@ -477,18 +264,29 @@ class BrainDINOWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._observedPoint = None
         self._pendingPoint = False
         self._similarityRunning = False
+        self.fitRun = None  # the last fit (a BrainDINOLib.logic.FitRun) and what it fitted
+        self.fitRequest = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
+        problem = unsupportedSlicer()
+        if problem:
+            message = qt.QLabel(problem)
+            message.wordWrap = True
+            self.layout.addWidget(message)
+            return
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/BrainDINO.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
-        self.logic = BrainDINOLogic()
+        self.logic = engineLogic().BrainDINOLogic(slicer.mrmlScene)
+        # Only the place button: the similarity probe is one point, placed or dragged.
+        self.ui.similarityPlaceWidget.buttonsVisible = False
+        self.ui.similarityPlaceWidget.placeButton().show()
 
         self.timer = qt.QTimer()
         self.timer.setInterval(self.POLL_MS)
-        self.timer.connect("timeout()", self.pollWorker)
+        self.timer.connect("timeout()", self.poll)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -505,19 +303,26 @@ class BrainDINOWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.openSegmentEditorButton.connect("clicked(bool)", self.onOpenSegmentEditor)
         self.ui.learnButton.connect("clicked(bool)", self.onLearn)
         self.ui.predictButton.connect("clicked(bool)", self.onPredict)
-        self.ui.startTrainingButton.connect("clicked(bool)", self.onStartTraining)
-        self.ui.stopTrainingButton.connect("clicked(bool)", self.onStopTraining)
+        self.ui.fitCasesTable.setHorizontalHeaderLabels(list(CASE_COLUMNS))
+        self.ui.fitAddSceneCasesButton.connect("clicked(bool)", self.onAddSceneCases)
+        self.ui.fitClearCasesButton.connect("clicked(bool)", lambda: setattr(self.ui.fitCasesTable, "rowCount", 0))
+        self.ui.fitButton.connect("clicked(bool)", self.onFit)
+        self.ui.fitCancelButton.connect("clicked(bool)", self.onStopCommand)
+        self.ui.saveHeadButton.connect("clicked(bool)", self.onSaveHead)
+        self.ui.applyFittedHeadButton.connect("clicked(bool)", self.onApplyFittedHead)
+        self.ui.startTrainingButton.connect("clicked(bool)", self.onStartCommand)
+        self.ui.stopTrainingButton.connect("clicked(bool)", self.onStopCommand)
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
         self.removeObservers()
-        self.timer.stop()
         if self.logic:
-            self.logic.worker.shutdown()
-            self.logic.stopTraining()
+            self.timer.stop()
+            self.logic.shutdown()
 
     def enter(self) -> None:
-        self.initializeParameterNode()
+        if self.logic:
+            self.initializeParameterNode()
 
     def exit(self) -> None:
         if self._parameterNode:
@@ -533,7 +338,7 @@ class BrainDINOWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.initializeParameterNode()
 
     def initializeParameterNode(self) -> None:
-        self.setParameterNode(self.logic.getParameterNode())
+        self.setParameterNode(getParameterNode())
         if not self._parameterNode.inputVolume:
             self._parameterNode.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
 
@@ -545,118 +350,93 @@ class BrainDINOWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.observePoint(self._parameterNode.similarityPoint)
 
-    # ---- dependencies ------------------------------------------------------------------------------------
+    # ---- dependencies and the worker ------------------------------------------------------------------------
 
-    def ensureDependencies(self) -> bool:
-        """Install torch (PyTorch extension) and the requirements, each only after the user agrees."""
-        if not BrainDINOLogic.torchInstalled():
-            try:
-                import PyTorchUtils
-            except ImportError:
-                slicer.util.errorDisplay("BrainDINO needs PyTorch: install the PyTorch extension from the "
-                                         "Extensions Manager and restart Slicer.")
-                return False
-            if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True,
-                                                            torchVersionRequirement=TORCH_REQUIREMENT) is None:
-                return False
-        if not BrainDINOLogic.missingRequirements():
-            return True
-        try:
-            import slicer.packaging as packaging
-        except ImportError:
-            packaging = None
-        if packaging is not None and hasattr(packaging, "pip_ensure"):
-            packaging.pip_ensure(packaging.load_requirements(str(REQUIREMENTS)), requester="BrainDINO")
-        else:
-            missing = BrainDINOLogic.missingRequirements()
-            if not slicer.util.confirmOkCancelDisplay(
-                    "BrainDINO needs these Python packages, which will be downloaded and installed now:\n\n"
-                    + "\n".join(missing), windowTitle="BrainDINO: install dependencies"):
-                return False
-            with slicer.util.tryWithErrorDisplay("Installing BrainDINO's dependencies failed.", waitCursor=True):
-                slicer.util.pip_install(missing)
-        missing = BrainDINOLogic.missingRequirements()
-        if missing:
-            slicer.util.warningDisplay("Still missing: " + ", ".join(missing))
-        return not missing
-
-    # ---- worker plumbing ---------------------------------------------------------------------------------
-
-    @contextlib.contextmanager
-    def showingErrors(self, label: str):
-        """Show an error of a worker callback to the user and stop it there (the timer keeps polling)."""
-        try:
-            with slicer.util.tryWithErrorDisplay(f"{label} failed."):
-                yield
-        except Exception:
-            self.ui.statusLabel.text = f"{label}: failed."
+    def dependenciesReady(self) -> bool:
+        """Dependencies installed, asking once if they are not; a decline shows "not installed" and returns False."""
+        state = ensureDependencies()
+        self.ui.statusLabel.text = "" if state.ready and not state.restart_needed else state.message
+        if state.restart_needed:
+            slicer.util.infoDisplay(state.message, "BrainDINO")
+        return state.ready and not state.restart_needed
 
     def run(self, label: str, work, onDone) -> None:
         """Queue `work(progress, cancel)` on the torch thread; `onDone(result)` runs here when it finishes."""
+        worker = self.logic.worker
+
         def onError(error: BaseException) -> None:
-            self.logic.worker.cancel()  # the jobs queued after this one depend on it
-            if isinstance(error, BrainDINOLogic.engine().CancelledError):
+            worker.cancel()  # the jobs queued after this one depend on it
+            if isinstance(error, engineLogic().CancelledError):
                 self.ui.statusLabel.text = f"{label}: cancelled."
                 return
-            with self.showingErrors(label):
+            self.ui.statusLabel.text = f"{label}: failed."
+            with slicer.util.tryWithErrorDisplay(f"{label} failed."):
                 raise error
 
         def done(result) -> None:
-            with self.showingErrors(label):
+            with slicer.util.tryWithErrorDisplay(f"{label} failed."):
                 onDone(result)
                 self.ui.statusLabel.text = f"{label}: done."
 
-        self.logic.worker.submit(Job(label, work, done, onError))
+        worker.submit(engineLogic().Job(label, work, done, onError))
         self.ui.cancelButton.enabled = True
         self.timer.start()
 
-    def pollWorker(self) -> None:
-        label, done, total = self.logic.worker.status()
+    def poll(self) -> None:
+        """The QTimer tick: worker progress to the progress bar, finished jobs' callbacks, child-process output."""
+        worker = self.logic.worker
+        label, done, total = worker.status()
         if label:
             self.ui.statusLabel.text = f"{label}..."
             self.ui.progressBar.maximum = max(total, 1) if total else 0  # 0: busy indicator
             self.ui.progressBar.value = done
-        self.logic.worker.poll()
-        if not self.logic.worker.busy:
-            self.timer.stop()
-            self.ui.architectureLabel.text = self.logic.describeModel()
+        worker.poll()
+        running = self.logic.process is not None and self.logic.process.poll()
+        if not worker.busy:
+            self.ui.architectureLabel.text = self.logic.describe_model()
             self.ui.cancelButton.enabled = False
-            self.ui.progressBar.maximum = 1
-            self.ui.progressBar.value = 1
+            if not running:
+                self.ui.progressBar.maximum = 1
+                self.ui.progressBar.value = 1
+                self.timer.stop()
 
     def onCancel(self) -> None:
         self.logic.worker.cancel()
 
     def requireReady(self) -> bool:
-        """Dependencies installed (False if the user declined); the model is queued for loading if none is
-        loaded yet, so the jobs queued after it find it (the worker runs jobs in order)."""
-        if not self.ensureDependencies():
+        """Dependencies installed (False if not); the model is queued for loading if none is loaded yet, so the
+        jobs queued after it find it (the worker runs jobs in order)."""
+        if not self.dependenciesReady():
             return False
         if self.logic.encoder is None:
             self.queueModelLoading()
         return True
 
+    # ---- model and input ---------------------------------------------------------------------------------
+
     def modelSource(self) -> str:
         p = self._parameterNode
-        return "demo" if p.useDemoModel else str(p.modelFile)
-
-    # ---- model and input ---------------------------------------------------------------------------------
+        if p.useDemoModel:
+            return "demo"
+        if not p.modelFile:
+            raise engineLogic().BrainDINOError("model", "choose a model file, or tick Built-in demo model")
+        return p.modelFile
 
     def queueModelLoading(self) -> None:
         source, device = self.modelSource(), self._parameterNode.device
         self.ui.architectureLabel.text = f"loading {source}..."
-        self.run("Loading the model", lambda progress, cancel: self.logic.loadModel(source, device),
+        self.run("Loading the model", lambda progress, cancel: self.logic.load_model(source, device),
                  lambda encoder: None)  # the label is refreshed when the worker is idle
 
     def onLoadModel(self) -> None:
         with slicer.util.tryWithErrorDisplay("Loading the model failed."):
-            if self.ensureDependencies():
+            if self.dependenciesReady():
                 self.queueModelLoading()
 
     def inputVolume(self):
         """The selected input node and its engine `Volume` (read on the main thread)."""
         node = self._parameterNode.inputVolume
-        return node, self.logic.volumeFromNode(node)
+        return node, self.logic.volume_from_node(node)
 
     def withFeatures(self, label: str, then, segmentationLayers: bool = False) -> None:
         """Compute (or fetch) features on the worker, then call `then(node, volume, features)` here."""
@@ -666,8 +446,8 @@ class BrainDINOWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             node, volume = self.inputVolume()
 
             def work(progress, cancel):  # on the worker, after the model (possibly queued just now) is loaded
-                layers = self.logic.segmentationLayers() if segmentationLayers else ()
-                return self.logic.computeFeatures(volume, layers, progress, cancel)
+                layers = self.logic.segmentation_layers() if segmentationLayers else ()
+                return self.logic.features(volume, layers, progress, cancel)
 
             self.run("Computing features", work, lambda features: then(node, volume, features))
 
@@ -679,8 +459,8 @@ class BrainDINOWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onPCA(self) -> None:
         def show(node, volume, features):
-            self.run("PCA colours", lambda progress, cancel: self.logic.pcaMap(features),
-                     lambda rgb: setattr(self._parameterNode, "pcaVolume", self.logic.showPCA(
+            self.run("PCA colours", lambda progress, cancel: self.logic.pca_map(features),
+                     lambda rgb: setattr(self._parameterNode, "pcaVolume", self.logic.show_pca(
                          rgb, node, self._parameterNode.pcaVolume, self._parameterNode.overlayOpacity)))
         self.withFeatures("PCA colours", show)
 
@@ -689,22 +469,20 @@ class BrainDINOWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not self.requireReady():
                 return
             node, volume = self.inputVolume()
-            self.run("Attention map", lambda progress, cancel: self.logic.attentionMap(volume, progress, cancel),
-                     lambda attention: setattr(self._parameterNode, "attentionVolume", self.logic.showAttention(
+            self.run("Attention map", lambda progress, cancel: self.logic.attention_map(volume, progress, cancel),
+                     lambda attention: setattr(self._parameterNode, "attentionVolume", self.logic.show_attention(
                          attention, node, self._parameterNode.attentionVolume, self._parameterNode.overlayOpacity)))
 
     def onClusters(self) -> None:
         def show(node, volume, features):
             count = self._parameterNode.clusterCount
-            self.run("Clusters", lambda progress, cancel: self.logic.clusterMap(features, count),
-                     lambda clusters: setattr(self._parameterNode, "clusterVolume", self.logic.showClusters(
+            self.run("Clusters", lambda progress, cancel: self.logic.cluster_map(features, count),
+                     lambda clusters: setattr(self._parameterNode, "clusterVolume", self.logic.show_clusters(
                          clusters, node, self._parameterNode.clusterVolume)))
         self.withFeatures("Clusters", show)
 
     def onOpacity(self, value: float) -> None:
-        """Foreground opacity of every slice view (overlays exist only once the engine, and torch, are there)."""
-        if BrainDINOLogic.torchInstalled():
-            BrainDINOLogic.engine().mrml.set_foreground_opacity(slicer.mrmlScene, value)
+        self.logic.set_overlay_opacity(value)
 
     def observePoint(self, markupsNode) -> None:
         """Recompute the similarity map whenever the probe point is placed or moved."""
@@ -728,19 +506,19 @@ class BrainDINOWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         with slicer.util.tryWithErrorDisplay("Similarity map failed."):
             node, volume = self.inputVolume()
-            point = self.logic.pointLps(caller, node)
+            point = self.logic.point_lps(caller, node)
             self._similarityRunning, self._pendingPoint = True, False
             self.run("Similarity map", lambda progress, cancel: self.similarityWork(volume, point, progress, cancel),
                      lambda similarity: self.showSimilarity(similarity, node, caller))
 
     def similarityWork(self, volume, point, progress, cancel):
         try:
-            return self.logic.similarityMap(self.logic.computeFeatures(volume, (), progress, cancel), point)
+            return self.logic.similarity_map(self.logic.features(volume, (), progress, cancel), point)
         finally:
             self._similarityRunning = False
 
     def showSimilarity(self, similarity, node, markupsNode) -> None:
-        self._parameterNode.similarityVolume = self.logic.showSimilarity(
+        self._parameterNode.similarityVolume = self.logic.show_similarity(
             similarity, node, self._parameterNode.similarityVolume, self._parameterNode.overlayOpacity)
         if self._pendingPoint:
             self.onPointMoved(markupsNode)
@@ -752,10 +530,10 @@ class BrainDINOWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not self.requireReady():
                 return
             node, volume = self.inputVolume()
-            head = self.logic.loadHead(self._parameterNode.segmentationHead)
+            head = self.logic.load_head(self._parameterNode.segmentationHead)
             self.run("Segmenting with the head",
-                     lambda progress, cancel: self.logic.segmentWithHead(head, volume, progress, cancel),
-                     lambda labels: self.setOutputSegmentation(self.logic.showSegmentation(
+                     lambda progress, cancel: self.logic.segment_with_head(head, volume, progress, cancel),
+                     lambda labels: self.setOutputSegmentation(self.logic.show_segmentation(
                          labels, node, head.card.classes, self._parameterNode.outputSegmentation)))
 
     def onOpenSegmentEditor(self) -> None:
@@ -778,12 +556,12 @@ class BrainDINOWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not self.requireReady():
                 return
             node, volume = self.inputVolume()
-            painted = self.logic.paintedLabels(self._parameterNode.paintedSegmentation, node)
+            painted = self.logic.painted_labels(self._parameterNode.paintedSegmentation, node)
             self.ui.statusLabel.text = (f"Learning {', '.join(painted.class_names)} from slices "
                                         f"{', '.join(map(str, painted.slice_indices))}...")
             self.run(f"Learning from {len(painted.slice_indices)} slices",
-                     lambda progress, cancel: self.logic.fitFewShot(volume, painted, progress, cancel),
-                     lambda result: self.setOutputSegmentation(self.logic.showSegmentation(
+                     lambda progress, cancel: self.logic.learn_from_painted(volume, painted, progress, cancel),
+                     lambda result: self.setOutputSegmentation(self.logic.show_segmentation(
                          result.labels, node, painted.classes, self._parameterNode.outputSegmentation,
                          name=f"{self._parameterNode.paintedSegmentation.GetName()} (BrainDINO)")))
 
@@ -798,35 +576,150 @@ class BrainDINOWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return
             node, volume = self.inputVolume()
             path = Path(self._parameterNode.subjectHead)
-            head = self.logic.loadHead(path)
+            head = self.logic.load_head(self._parameterNode.subjectHead)
 
             def show(prediction):
-                table = self.logic.showPrediction(prediction, path.stem, node.GetName(),
-                                                  self._parameterNode.predictionTable)
+                table = self.logic.show_prediction(prediction, path.stem, node.GetName(),
+                                                   self._parameterNode.predictionTable)
                 self._parameterNode.predictionTable = table
                 slicer.app.layoutManager().setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpTableView)
                 slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(table.GetID())
                 slicer.app.applicationLogic().PropagateTableSelection()
 
             self.run(f"Predicting with {path.stem}",
-                     lambda progress, cancel: self.logic.predictSubject(head, volume, progress, cancel), show)
+                     lambda progress, cancel: self.logic.predict_subject(head, volume, progress, cancel), show)
 
-    # ---- train -------------------------------------------------------------------------------------------
+    # ---- fine-tune heads ---------------------------------------------------------------------------------
 
-    def onStartTraining(self) -> None:
-        self.ui.trainingLog.clear()
-        with slicer.util.tryWithErrorDisplay("Training could not be started."):
-            if not self.ensureDependencies():
+    def onAddSceneCases(self) -> None:
+        """One table row per volume of the scene that could be a case, with the segmentation drawn on it."""
+        table = self.ui.fitCasesTable
+        listed = {table.item(row, 0).data(qt.Qt.UserRole) for row in range(table.rowCount)}
+        for case in self.logic.scene_cases():
+            if case.volume.GetID() in listed:
+                continue
+            row = table.rowCount
+            table.rowCount = row + 1
+            for column, node in ((0, case.volume), (1, case.segmentation)):
+                item = qt.QTableWidgetItem(node.GetName() if node is not None else "")
+                item.setData(qt.Qt.UserRole, node.GetID() if node is not None else "")
+                table.setItem(row, column, item)
+            table.setItem(row, 2, qt.QTableWidgetItem(""))
+            table.setItem(row, 3, qt.QTableWidgetItem(case.split))
+
+    def tableCases(self) -> list:
+        """The table's rows as `SceneCase`s. A node cell whose text was edited names another node."""
+        from BrainDINOLib.logic import SceneCase
+
+        table, scene = self.ui.fitCasesTable, slicer.mrmlScene
+
+        def node(row: int, column: int):
+            item = table.item(row, column)
+            if item is None or not item.text().strip():
+                return None
+            chosen = scene.GetNodeByID(item.data(qt.Qt.UserRole) or "")
+            if chosen is None or chosen.GetName() != item.text().strip():
+                chosen = scene.GetFirstNodeByName(item.text().strip())
+            if chosen is None:
+                raise engineLogic().BrainDINOError(item.text(), "no node of that name in the scene")
+            return chosen
+
+        def text(row: int, column: int, default: str = "") -> str:
+            item = table.item(row, column)
+            return (item.text().strip() if item is not None else "") or default
+
+        return [SceneCase(node(row, 0), node(row, 1), text(row, 2), text(row, 3, "auto"))
+                for row in range(table.rowCount)]
+
+    def onFit(self) -> None:
+        """Fit the chosen head on the table's cases (or the manifest) in a child process, after the model."""
+        with slicer.util.tryWithErrorDisplay("The fit could not be started.", waitCursor=True):
+            if not self.requireReady():
                 return
-            self.logic.startTraining(self._parameterNode.trainTask, self._parameterNode.trainArguments,
-                                     self.ui.trainingLog.appendPlainText, self.onTrainingFinished)
+            from BrainDINOLib.logic import FitRequest
+
+            p = self._parameterNode
+            request = FitRequest.from_choice(p.fitHead, epochs=p.fitEpochs)
+            folder = Path(tempfile.mkdtemp(prefix="BrainDINO-fit-"))
+            self.ui.fitReportBrowser.setHtml("")
+            if p.fitManifest:
+                manifest = p.fitManifest
+                self.run("Preparing the fit", lambda progress, cancel: manifest,
+                         lambda manifest: self.startFit(manifest, request, folder))
+            else:
+                cases = self.logic.collect_cases(self.tableCases(), request.task, p.fitTestFraction)
+                self.run("Writing the cases", lambda progress, cancel: cases.write(folder / "cases"),
+                         lambda manifest: self.startFit(manifest, request, folder))
+
+    def startFit(self, manifest, request, folder: Path) -> None:
+        lines = []
+
+        def progress(stage: str, done: int, total: int) -> None:
+            self.ui.statusLabel.text = f"Fitting {request.task}: {stage}..."
+            self.ui.progressBar.maximum = max(total, 1)
+            self.ui.progressBar.value = done
+
+        self.fitRequest = request
+        self.fitRun = self.logic.start_fit(manifest, request, folder / "fit", on_line=lines.append,
+                                           on_progress=progress, env=slicer.util.startupEnvironment(),
+                                           on_finished=lambda code: self.onFitFinished(code, lines))
+        self.ui.fitButton.enabled = False
+        self.ui.fitCancelButton.enabled = True
+        self.ui.saveHeadButton.enabled = self.ui.applyFittedHeadButton.enabled = False
+        self.timer.start()
+
+    def onFitFinished(self, code: int, lines: list) -> None:
+        """The report (metrics and plots) in the panel, or why the fit did not finish."""
+        from html import escape
+
+        from BrainDINOLib.logic import FitReport
+
+        self.ui.fitButton.enabled = True
+        self.ui.fitCancelButton.enabled = False
+        if code == 0 and self.fitRun.head.is_file():
+            self.ui.statusLabel.text = f"Fitting {self.fitRequest.task}: done."
+            self.ui.fitReportBrowser.setHtml(FitReport.read(self.fitRun.report).html())
+            self.ui.saveHeadButton.enabled = self.ui.applyFittedHeadButton.enabled = True
+            return
+        outcome = "cancelled" if self.fitRun.process.cancelled else f"failed (exit code {code})"
+        self.ui.statusLabel.text = f"Fitting {self.fitRequest.task}: {outcome}."
+        self.ui.fitReportBrowser.setHtml(f"<p><b>The fit {outcome}.</b></p><pre>{escape(chr(10).join(lines[-20:]))}</pre>")
+
+    def onSaveHead(self) -> None:
+        with slicer.util.tryWithErrorDisplay("Saving the head failed."):
+            path = qt.QFileDialog.getSaveFileName(None, "Save the fitted head", "head.safetensors",
+                                                  "BrainDINO heads (*.safetensors)")
+            if path:
+                saved = self.logic.save_head(self.fitRun, path)
+                self.ui.statusLabel.text = f"Head saved to {saved}."
+
+    def onApplyFittedHead(self) -> None:
+        """The fitted head on the input volume: a segmentation, or a row of predictions."""
+        if self.fitRequest.task == "segmentation":
+            self._parameterNode.segmentationHead = str(self.fitRun.head)
+            self.onApplyHead()
+        else:
+            self._parameterNode.subjectHead = str(self.fitRun.head)
+            self.onPredict()
+
+    # ---- command line (pretraining and power users) ------------------------------------------------------
+
+    def onStartCommand(self) -> None:
+        self.ui.trainingLog.clear()
+        with slicer.util.tryWithErrorDisplay("The command could not be started."):
+            if not self.dependenciesReady():
+                return
+            self.logic.start_command(self._parameterNode.trainTask, self._parameterNode.trainArguments,
+                                     on_line=self.ui.trainingLog.appendPlainText, on_finished=self.onCommandFinished,
+                                     env=slicer.util.startupEnvironment())
             self.ui.startTrainingButton.enabled = False
             self.ui.stopTrainingButton.enabled = True
+            self.timer.start()
 
-    def onStopTraining(self) -> None:
-        self.logic.stopTraining()
+    def onStopCommand(self) -> None:
+        self.logic.stop_process()
 
-    def onTrainingFinished(self, code: int) -> None:
+    def onCommandFinished(self, code: int) -> None:
         self.ui.trainingLog.appendPlainText(f"[finished with exit code {code}]")
         self.ui.startTrainingButton.enabled = True
         self.ui.stopTrainingButton.enabled = False
@@ -838,83 +731,49 @@ class BrainDINOWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 class BrainDINOTest(ScriptedLoadableModuleTest):
     """The whole flow inside Slicer: sample data -> features -> PCA -> similarity -> few-shot segmentation,
-    plus cancelling a job on the worker thread."""
+    plus cancelling a job on the worker thread. Skipped, saying so, where PyTorch is not installed (an
+    extension build machine): nothing is installed during a test."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
+        if not self.torchAvailable():
+            return
         self.setUp()
         self.test_full_flow()
         self.setUp()
         self.test_cancel_on_worker()
+
+    def torchAvailable(self) -> bool:
+        from BrainDINOLib.dependencies import Requirements
+
+        ensure_engine_on_path()
+        missing = [str(r) for r in Requirements.read(REQUIREMENTS).missing_torch()]
+        missing += [str(r) for r in Requirements.read(REQUIREMENTS).missing_packages()]
+        if missing:
+            message = "BrainDINO self-test SKIPPED: this Python lacks " + ", ".join(missing)
+            logging.warning(message)
+            self.delayDisplay(message)
+            return False
+        return True
 
     def modelSource(self) -> str:
         """The built-in demo model, or $BRAINDINO_TEST_MODEL (e.g. the teacher fixture in a source checkout)."""
         return os.environ.get("BRAINDINO_TEST_MODEL", "demo")
 
     def test_full_flow(self):
-        import numpy as np
         import SampleData
 
         registerSampleData()
         self.delayDisplay("Loading the sample volume")
         volumeNode = SampleData.downloadSample(SAMPLE_NAME)
         self.assertIsNotNone(volumeNode)
-
-        logic = BrainDINOLogic()
-        logic.loadModel(self.modelSource(), "cpu")
-        volume = logic.volumeFromNode(volumeNode)
-        self.assertEqual(volume.shape, (181, 217, 181))
-
-        self.delayDisplay("Computing features")
-        progress = []
-        features = logic.computeFeatures(volume, logic.segmentationLayers(), progress=lambda d, t: progress.append(d))
-        self.assertTrue(progress)
-        self.assertEqual(features.patches.shape[0], len(features.slices.slice_indices))
-
-        self.delayDisplay("PCA colours")
-        pcaNode = logic.showPCA(logic.pcaMap(features), volumeNode)
-        self.assertEqual(pcaNode.GetImageData().GetNumberOfScalarComponents(), 3)
-        self.assertEqual(pcaNode.GetImageData().GetDimensions(), volumeNode.GetImageData().GetDimensions())
-
-        self.delayDisplay("Similarity to a point")
-        point = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "probe")
-        bounds = [0.0] * 6
-        volumeNode.GetRASBounds(bounds)
-        centre = [(bounds[0] + bounds[1]) / 2, (bounds[2] + bounds[3]) / 2, (bounds[4] + bounds[5]) / 2]
-        point.AddControlPoint(vtk.vtkVector3d(*centre))
-        similarity = logic.similarityMap(features, logic.pointLps(point, volumeNode))
-        self.assertAlmostEqual(float(similarity.array.max()), 1.0, places=5)
-        logic.showSimilarity(similarity, volumeNode)
-
-        self.delayDisplay("Few-shot segmentation from three painted slices")
-        atlas = logic.engine().read_volume(ensure_engine_on_path() / "data" / "colin27_aal.nii.gz")
-        self.assertEqual(atlas.shape, volume.shape)
-        labels = atlas.array > 0  # the brain as AAL outlines it: cortex, deep grey matter, cerebellum
-        painted = np.zeros(volume.shape, np.int16)
-        slices = features.slices.slice_indices
-        examples = [slices[len(slices) // 4], slices[len(slices) // 2], slices[3 * len(slices) // 4]]
-        painted[examples] = labels[examples].astype(np.int16)
-        mrml = logic.engine().mrml
-        examplesNode = mrml.segmentation_from_labels(volume.with_array(painted), volumeNode,
-                                                     [mrml.LabelClass(1, "brain", (250, 240, 180))],
-                                                     name="examples")
-        fewShot = logic.paintedLabels(examplesNode, volumeNode)
-        self.assertEqual(fewShot.slice_indices, tuple(sorted(examples)))
-        result = logic.fitFewShot(volume, fewShot)
-        output = logic.showSegmentation(result.labels, volumeNode, fewShot.classes)
-        segment = output.GetSegmentation().GetNthSegment(0)
-        self.assertEqual(segment.GetName(), "brain")
-        others = [k for k in slices if k not in examples]
-
-        def dice(predicted):
-            return 2 * (predicted[others] & labels[others]).sum() / (predicted[others].sum() + labels[others].sum())
-
-        learned, headMask = dice(result.labels.array > 0), dice(features.foreground)
-        logging.info("few-shot Dice on %d unpainted slices: %.3f (the whole head mask scores %.3f)",
-                     len(others), learned, headMask)
-        self.assertGreater(learned, headMask)  # it learned the brain, not just where the head is
+        self.delayDisplay("Computing features, maps and a few-shot segmentation")
+        results = runSelfTestFlow(engineLogic().BrainDINOLogic(slicer.mrmlScene, cache=tempfile.mkdtemp()),
+                                  volumeNode, self.modelSource())
+        self.assertEqual(results["shape"], (181, 217, 181))
+        self.assertGreater(results["learned_dice"], results["head_mask_dice"])
         self.delayDisplay("BrainDINO flow passed")
 
     def test_cancel_on_worker(self):
@@ -922,22 +781,88 @@ class BrainDINOTest(ScriptedLoadableModuleTest):
 
         registerSampleData()
         volumeNode = SampleData.downloadSample(SAMPLE_NAME)
-        logic = BrainDINOLogic()
-        logic.loadModel(self.modelSource(), "cpu")
-        volume = logic.volumeFromNode(volumeNode)
-        outcome = {}
-        started = threading.Event()
+        logic = engineLogic().BrainDINOLogic(slicer.mrmlScene, cache=None)
+        logic.load_model(self.modelSource(), "cpu")
+        try:
+            self.assertIsInstance(cancelOnWorker(logic, logic.volume_from_node(volumeNode)),
+                                  engineLogic().CancelledError)
+        finally:
+            logic.shutdown()
 
-        def work(progress, cancel):
-            started.set()
-            while not cancel():  # stands for a long embedding loop that checks the flag between batches
-                threading.Event().wait(0.01)
-            return logic.engine().embed_volume(volume, logic.encoder, progress=progress, cancel=lambda: True)
 
-        logic.worker.submit(Job("cancel test", work, lambda r: outcome.update(result=r),
-                                lambda e: outcome.update(error=e)))
-        started.wait(10)
-        logic.worker.cancel()
-        logic.worker.wait()
-        self.assertIsInstance(outcome.get("error"), logic.engine().CancelledError)
-        logic.worker.shutdown()
+def runSelfTestFlow(logic, volumeNode, modelSource: str = "demo", examples: int = 3, atlas=None) -> dict:
+    """The self-test's flow through the Logic: model -> features -> PCA -> similarity -> few-shot segmentation
+    from `examples` painted slices of the AAL atlas's brain (`atlas`: a `Volume` on the volume's grid; None:
+    the bundled one, on the sample's grid). Returns the figures the test checks."""
+    import numpy as np
+
+    logic.load_model(modelSource, "cpu")
+    volume = logic.volume_from_node(volumeNode)
+    progress = []
+    features = logic.features(volume, logic.segmentation_layers(), progress=lambda d, t: progress.append(d))
+    assert progress, "no progress was reported while computing features"
+    assert features.patches.shape[0] == len(features.slices.slice_indices)
+
+    pcaNode = logic.show_pca(logic.pca_map(features), volumeNode)
+    assert pcaNode.GetImageData().GetNumberOfScalarComponents() == 3
+    assert pcaNode.GetImageData().GetDimensions() == volumeNode.GetImageData().GetDimensions()
+
+    point = logic.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "probe")
+    bounds = [0.0] * 6
+    volumeNode.GetRASBounds(bounds)
+    point.AddControlPoint(vtk.vtkVector3d((bounds[0] + bounds[1]) / 2, (bounds[2] + bounds[3]) / 2,
+                                          (bounds[4] + bounds[5]) / 2))
+    similarity = logic.similarity_map(features, logic.point_lps(point, volumeNode))
+    logic.show_similarity(similarity, volumeNode)
+
+    from BrainDINOLib import read_volume
+    from BrainDINOLib.mrml import LabelClass, segmentation_from_labels
+
+    if atlas is None:
+        atlas = read_volume(ensure_engine_on_path() / "data" / "colin27_aal.nii.gz")
+    labels = atlas.array > 0  # the brain as AAL outlines it: cortex, deep grey matter, cerebellum
+    if atlas.shape != volume.shape:
+        raise AssertionError(f"the atlas grid {atlas.shape} is not the sample's {volume.shape}")
+    slices = features.slices.slice_indices
+    chosen = [slices[(i + 1) * len(slices) // (examples + 1)] for i in range(examples)]
+    painted = np.zeros(volume.shape, np.int16)
+    painted[chosen] = labels[chosen].astype(np.int16)
+    examplesNode = segmentation_from_labels(volume.with_array(painted), volumeNode,
+                                            [LabelClass(1, "brain", (250, 240, 180))], name="examples")
+    fewShot = logic.painted_labels(examplesNode, volumeNode)
+    assert fewShot.slice_indices == tuple(sorted(chosen))
+    result = logic.learn_from_painted(volume, fewShot)
+    output = logic.show_segmentation(result.labels, volumeNode, fewShot.classes)
+    assert output.GetSegmentation().GetNthSegment(0).GetName() == "brain"
+    others = [k for k in slices if k not in chosen]
+
+    def dice(predicted):
+        return float(2 * (predicted[others] & labels[others]).sum() / (predicted[others].sum() + labels[others].sum()))
+
+    results = {"shape": volume.shape, "learned_dice": dice(result.labels.array > 0),
+               "head_mask_dice": dice(features.foreground), "segmentation": output, "pca": pcaNode}
+    logging.info("few-shot Dice on %d unpainted slices: %.3f (the whole head mask scores %.3f)",
+                 len(others), results["learned_dice"], results["head_mask_dice"])
+    return results
+
+
+def cancelOnWorker(logic, volume):
+    """Submit an embedding to the worker, cancel it while it runs; the error the job ended with."""
+    outcome = {}
+    started = threading.Event()
+
+    from BrainDINOLib import embed_volume
+
+    def work(progress, cancel):
+        started.set()
+        while not cancel():  # stands for a long embedding loop that checks the flag between batches
+            threading.Event().wait(0.01)
+        return embed_volume(volume, logic.encoder, progress=progress, cancel=cancel)
+
+    engine = engineLogic()
+    logic.worker.submit(engine.Job("cancel test", work, lambda r: outcome.update(result=r),
+                                   lambda e: outcome.update(error=e)))
+    started.wait(30)
+    logic.worker.cancel()
+    logic.worker.wait()
+    return outcome.get("error")

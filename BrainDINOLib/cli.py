@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="braindino", description="BrainDINO: self-supervised ViT features for brain MRI, "
                                                          "and the maps and heads built on them.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the engine does")
+    parser.add_argument("--progress-lines", action="store_true",
+                        help="report progress as machine-readable lines on stdout (for front ends) instead of a bar")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in COMMAND_MODULES:
         module.register(commands)
@@ -61,8 +63,9 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
 
     def body() -> int:
-        from .commands.common import check_files
-        check_files(args)
+        from .commands import common
+        common.PROGRESS_LINES = args.progress_lines
+        common.check_files(args)
         return args.run(args)
 
     return report_errors("braindino", body)

@@ -685,6 +685,18 @@ OPTION_CASES: dict[str, tuple[Callable[[Corpus, Path], list], str]] = {
     "make-cases: spacing 0": (lambda c, out: ["make-cases", "--task", "tissue", "--out", out / "cases", "--spacing",
                                               "0"], "expected a number from 0.5 to 10"),
     "pretrain: no config": (lambda c, out: ["pretrain", "--config", out / "none.yaml"], "no such config file"),
+    "serve: weak token off loopback": (lambda c, out: ["serve", "--host", "0.0.0.0", "--token", "short", "--out",
+                                                       out / "o"], "--token: must be at least 16 printable"),
+    "serve: volume outside --data": (lambda c, out: ["serve", "--volume", "../atlas.py", "--out", out / "o"],
+                                     "outside the data folder"),
+    "serve: --data a file": (lambda c, out: ["serve", "--data", c.volume, "--out", out / "o"],
+                             "is not a folder; --data takes the folder"),
+    "serve: no --data folder": (lambda c, out: ["serve", "--data", out / "none", "--out", out / "o"],
+                                "no such data folder"),
+    "serve: --volume missing": (lambda c, out: ["serve", "--volume", "none.nii.gz", "--out", out / "o"],
+                                "no such file in the data folder"),
+    "serve: --out a file": (lambda c, out: ["serve", "--out", c.volume], "exists and is not a folder"),
+    "serve: port 70000": (lambda c, out: ["serve", "--port", "70000"], "expected an integer from 0 to 65535"),
 }
 
 

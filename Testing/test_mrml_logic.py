@@ -1,17 +1,11 @@
-"""The Slicer module's Logic (BrainDINO/BrainDINO.py) end to end on the real engine and real MRML nodes
-(slicer-core), without the Slicer application: features, PCA, similarity, clusters, attention, few-shot
-segmentation, a saved head, predictions table, and cancelling on the torch worker thread.
-
-The slicer-core wheel has MRML but not Slicer's Qt layer, so the three GUI-framework imports of
-BrainDINO.py (`qt`, `slicer.ScriptedLoadableModule`, `slicer.parameterNodeWrapper`) are given minimal
-stand-ins before importing it. Only the Logic and the worker are exercised; everything they call is real.
+"""The Qt-free Logic (`BrainDINOLib.logic.BrainDINOLogic`, shared by the Slicer module and the web page) end to
+end on the real engine and real MRML nodes (slicer-core), imported directly, with no stand-in: features, PCA,
+similarity, clusters, attention, few-shot segmentation, a saved head, the predictions table, and cancelling
+on the torch worker thread.
 """
 from __future__ import annotations
 
-import importlib.util
-import sys
 import threading
-import types
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +14,8 @@ import SimpleITK as sitk
 
 slicer = pytest.importorskip("slicer")
 
-from BrainDINOLib import CancelledError, Volume, mrml  # noqa: E402
+from BrainDINOLib import BrainDINOError, CancelledError, Volume, mrml  # noqa: E402
+from BrainDINOLib.logic import BrainDINOLogic, Job  # noqa: E402
 
 from conftest import REPO, SAMPLE_T1  # noqa: E402
 from mrml_scene import slicer_scene  # noqa: E402
@@ -29,45 +24,9 @@ from volume_factories import downsampled  # noqa: E402
 AAL = REPO / "BrainDINOLib" / "data" / "colin27_aal.nii.gz"
 
 
-def import_module_file():
-    """Import BrainDINO/BrainDINO.py with stand-ins for the Qt-side Slicer framework it declares."""
-    qt = types.ModuleType("qt")
-    framework = types.ModuleType("slicer.ScriptedLoadableModule")
-
-    class ScriptedLoadableModuleLogic:  # the real base only adds parameter-node helpers
-        def __init__(self, parent=None):
-            pass
-
-    framework.ScriptedLoadableModuleLogic = ScriptedLoadableModuleLogic
-    for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleWidget", "ScriptedLoadableModuleTest"):
-        setattr(framework, name, type(name, (), {}))
-    wrapper = types.ModuleType("slicer.parameterNodeWrapper")
-    wrapper.parameterNodeWrapper = lambda cls: cls
-    wrapper.Choice = wrapper.WithinRange = lambda *args, **kwargs: "annotation"
-    saved = {name: sys.modules.get(name) for name in ("qt", framework.__name__, wrapper.__name__)}
-    sys.modules.update({"qt": qt, framework.__name__: framework, wrapper.__name__: wrapper})
-    try:
-        spec = importlib.util.spec_from_file_location("BrainDINO", REPO / "BrainDINO" / "BrainDINO.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses resolve their annotations through it
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        for name, previous in saved.items():
-            if previous is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = previous
-
-
 def read_coarse(path: Path, interpolator=sitk.sitkLinear, pixel=sitk.sitkFloat32, mm: float = 3.0) -> Volume:
     """The bundled 1 mm Colin27 (or its atlas) on a coarse grid: the whole flow in seconds."""
     return Volume.from_image(downsampled(path, mm, interpolator, pixel), source=path.name)
-
-
-@pytest.fixture(scope="module")
-def module():
-    return import_module_file()
 
 
 @pytest.fixture(scope="module")
@@ -77,14 +36,11 @@ def scene():
 
 
 @pytest.fixture(scope="module")
-def logic(module, teacher_checkpoint, tmp_path_factory):
-    import os
-    os.environ["BRAINDINO_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    logic = module.BrainDINOLogic()
-    logic.loadModel(str(teacher_checkpoint), "cpu")
+def logic(scene, teacher_checkpoint, tmp_path_factory):
+    logic = BrainDINOLogic(scene, cache=tmp_path_factory.mktemp("cache"))
+    logic.load_model(str(teacher_checkpoint), "cpu")
     yield logic
-    logic.worker.shutdown()
-    os.environ.pop("BRAINDINO_CACHE")
+    logic.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -94,9 +50,9 @@ def t1_node(scene):
 
 @pytest.fixture(scope="module")
 def features(logic, t1_node):
-    volume = logic.volumeFromNode(t1_node)
+    volume = logic.volume_from_node(t1_node)
     progress = []
-    features = logic.computeFeatures(volume, logic.segmentationLayers(), progress=lambda d, t: progress.append((d, t)))
+    features = logic.features(volume, logic.segmentation_layers(), progress=lambda d, t: progress.append((d, t)))
     assert progress and progress[-1][0] == progress[-1][1] == features.num_slices
     return features
 
@@ -104,28 +60,28 @@ def features(logic, t1_node):
 def test_model_description_names_the_architecture_and_resolution(logic):
     from BrainDINOLib.session import segmentation_layers
     assert segmentation_layers(12) == (2, 5, 8, 11) and segmentation_layers(6) == (0, 2, 3, 5)
-    assert segmentation_layers(3) == (0, 1, 2) == logic.segmentationLayers()
-    text = logic.describeModel()
+    assert segmentation_layers(3) == (0, 1, 2) == logic.segmentation_layers()
+    text = logic.describe_model()
     assert "256" in text and logic.encoder.model_id in text and "cpu" in text
     assert "6 mm patches, slices every 6 mm, guided upsampling" in text  # the CPU default
 
 
 def test_features_are_reused_in_memory(logic, t1_node, features):
-    volume = logic.volumeFromNode(t1_node)
-    assert logic.computeFeatures(volume, logic.segmentationLayers()) is features
-    assert logic.computeFeatures(volume) is features  # features with more blocks serve requests for fewer
-    assert sorted(features.layers) == list(logic.segmentationLayers())
+    volume = logic.volume_from_node(t1_node)
+    assert logic.features(volume, logic.segmentation_layers()) is features
+    assert logic.features(volume) is features  # features with more blocks serve requests for fewer
+    assert sorted(features.layers) == list(logic.segmentation_layers())
 
 
 def test_pca_clusters_and_attention_land_on_the_input_grid(logic, t1_node, features):
-    pca = logic.showPCA(logic.pcaMap(features), t1_node, opacity=0.4)
+    pca = logic.show_pca(logic.pca_map(features), t1_node, opacity=0.4)
     assert pca.GetImageData().GetDimensions() == t1_node.GetImageData().GetDimensions()
     assert pca.GetImageData().GetNumberOfScalarComponents() == 3
     rgb = mrml.node_array(pca)
     assert rgb.dtype == np.uint8 and rgb[mrml.node_array(t1_node) > 50].mean() > 20  # coloured inside the head
-    clusters = logic.showClusters(logic.clusterMap(features, 4), t1_node)
+    clusters = logic.show_clusters(logic.cluster_map(features, 4), t1_node)
     assert set(np.unique(mrml.node_array(clusters))) <= set(range(5)) and mrml.node_array(clusters).max() > 0
-    attention = logic.showAttention(logic.attentionMap(logic.volumeFromNode(t1_node)), t1_node)
+    attention = logic.show_attention(logic.attention_map(logic.volume_from_node(t1_node)), t1_node)
     values = mrml.node_array(attention)
     assert values.shape == mrml.node_array(t1_node).shape and values.max() > 0
 
@@ -137,8 +93,8 @@ def test_similarity_peaks_at_the_clicked_point(scene, logic, t1_node, features):
     ras = matrix.MultiplyPoint((*ijk, 1.0))[:3]
     point = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "probe")
     point.AddControlPoint(ras)
-    similarity = logic.similarityMap(features, logic.pointLps(point, t1_node))
-    node = logic.showSimilarity(similarity, t1_node)
+    similarity = logic.similarity_map(features, logic.point_lps(point, t1_node))
+    node = logic.show_similarity(similarity, t1_node)
     values = mrml.node_array(node)
     i, j, k = ijk
     near = values[k - 1:k + 2, j - 1:j + 2, i - 1:i + 2]  # within 3 mm of the click
@@ -149,7 +105,7 @@ def test_similarity_peaks_at_the_clicked_point(scene, logic, t1_node, features):
     assert node.GetDisplayNode().GetColorNodeID() == mrml.HEAT_COLORS
     # Moving the point reuses the similarity index.
     index = logic._similarity[1]
-    logic.similarityMap(features, logic.pointLps(point, t1_node) + 4.0)
+    logic.similarity_map(features, logic.point_lps(point, t1_node) + 4.0)
     assert logic._similarity[1] is index
 
 
@@ -161,14 +117,14 @@ def test_few_shot_segmentation_from_painted_slices(scene, logic, t1_node, featur
     examples = [slices[len(slices) // 3], slices[2 * len(slices) // 3]]  # two painted slices keep it quick
     painted = np.zeros_like(truth)
     painted[examples] = truth[examples]
-    volume = logic.volumeFromNode(t1_node)
+    volume = logic.volume_from_node(t1_node)
     classes = [mrml.LabelClass(1, "superior frontal", (200, 120, 60)), mrml.LabelClass(2, "precentral", (60, 160, 220))]
     examples_node = mrml.segmentation_from_labels(volume.with_array(painted), t1_node, classes, name="examples")
 
-    few_shot = logic.paintedLabels(examples_node, t1_node)
+    few_shot = logic.painted_labels(examples_node, t1_node)
     assert few_shot.slice_indices == tuple(examples)
-    result = logic.fitFewShot(volume, few_shot)
-    output = logic.showSegmentation(result.labels, t1_node, few_shot.classes)
+    result = logic.learn_from_painted(volume, few_shot)
+    output = logic.show_segmentation(result.labels, t1_node, few_shot.classes)
     assert [c.name for c in mrml.segment_classes(output)] == ["superior frontal", "precentral"]
     assert [c.colour for c in mrml.segment_classes(output)] == [c.colour for c in classes]
     labels, _ = mrml.labels_from_segmentation(output, t1_node)
@@ -180,8 +136,8 @@ def test_few_shot_segmentation_from_painted_slices(scene, logic, t1_node, featur
 
     # The fitted head, saved and applied through the "saved head" path, segments the same.
     path = heads.save_head(result.head, tmp_path / "few_shot_head.safetensors")
-    head = logic.loadHead(path)
-    np.testing.assert_array_equal(logic.segmentWithHead(head, volume).array, result.labels.array)
+    head = logic.load_head(path)
+    np.testing.assert_array_equal(logic.segment_with_head(head, volume).array, result.labels.array)
 
 
 def test_subject_head_prediction_lands_in_a_table(scene, logic, t1_node, features, tmp_path):
@@ -197,23 +153,23 @@ def test_subject_head_prediction_lands_in_a_table(scene, logic, t1_node, feature
                     classes=make_classes([0, 1], ["T1-like", "T2-like"]),
                     module={"token_dim": 2 * dim, "out_dim": 2})
     path = save_head(Head(card, build_module(card).eval()), tmp_path / "sequence.safetensors")
-    head = logic.loadHead(path)
-    prediction = logic.predictSubject(head, logic.volumeFromNode(t1_node))
+    head = logic.load_head(path)
+    prediction = logic.predict_subject(head, logic.volume_from_node(t1_node))
     assert prediction == load_head(path).predict(features)
-    table = logic.showPrediction(prediction, path.stem, t1_node.GetName())
+    table = logic.show_prediction(prediction, path.stem, t1_node.GetName())
     (row,) = mrml.rows_from_table(table)
     assert row["subject"] == t1_node.GetName() and row["head"] == "sequence"
     assert row["class"] in ("T1-like", "T2-like")
     assert row["probabilities.T1-like"] + row["probabilities.T2-like"] == pytest.approx(1.0)
     with pytest.raises(Exception, match="segmentation head"):
         few_shot_head = HeadCard(task="segmentation", kind="linear", encoder_id=features.model_id)
-        logic.predictSubject(Head(few_shot_head, torch.nn.Identity()), logic.volumeFromNode(t1_node))
+        logic.predict_subject(Head(few_shot_head, torch.nn.Identity()), logic.volume_from_node(t1_node))
 
 
 def test_prediction_rows_go_into_one_table(scene, logic):
-    table = logic.showPrediction({"class": "T1", "probabilities": {"T1": 0.9, "T2": 0.1}}, "sequence", "case A")
-    table = logic.showPrediction({"value": 71.5}, "age", "case A", table)
-    table = logic.showPrediction({"class": "T2", "probabilities": {"T1": 0.3, "T2": 0.7}}, "sequence", "case A",
+    table = logic.show_prediction({"class": "T1", "probabilities": {"T1": 0.9, "T2": 0.1}}, "sequence", "case A")
+    table = logic.show_prediction({"value": 71.5}, "age", "case A", table)
+    table = logic.show_prediction({"class": "T2", "probabilities": {"T1": 0.3, "T2": 0.7}}, "sequence", "case A",
                                  table)
     rows = mrml.rows_from_table(table)
     assert [(r["subject"], r["head"]) for r in rows] == [("case A", "age"), ("case A", "sequence")]
@@ -221,8 +177,10 @@ def test_prediction_rows_go_into_one_table(scene, logic):
     assert rows[0]["value"] == pytest.approx(71.5)
 
 
-def test_worker_runs_jobs_off_the_main_thread_and_cancels(module, logic, t1_node):
-    volume = logic.volumeFromNode(t1_node)
+def test_worker_runs_jobs_off_the_main_thread_and_cancels(logic, t1_node):
+    from BrainDINOLib import embed_volume
+
+    volume = logic.volume_from_node(t1_node)
     worker = logic.worker
     outcome: dict = {}
     threads = []
@@ -232,7 +190,7 @@ def test_worker_runs_jobs_off_the_main_thread_and_cancels(module, logic, t1_node
         progress(1, 2)
         return 42
 
-    worker.submit(module.Job("answer", work, lambda r: outcome.update(result=r)))
+    worker.submit(Job("answer", work, lambda r: outcome.update(result=r)))
     worker.wait()
     assert outcome == {"result": 42} and threads[0] is not threading.main_thread()
 
@@ -242,9 +200,9 @@ def test_worker_runs_jobs_off_the_main_thread_and_cancels(module, logic, t1_node
         started.set()
         while not cancel():
             threading.Event().wait(0.01)
-        return module.BrainDINOLogic.engine().embed_volume(volume, logic.encoder, cancel=cancel)
+        return embed_volume(volume, logic.encoder, cancel=cancel)
 
-    worker.submit(module.Job("embedding", slow, lambda r: outcome.update(late=r), lambda e: outcome.update(error=e)))
+    worker.submit(Job("embedding", slow, lambda r: outcome.update(late=r), lambda e: outcome.update(error=e)))
     assert started.wait(30)
     worker.cancel()
     worker.wait()
@@ -252,7 +210,36 @@ def test_worker_runs_jobs_off_the_main_thread_and_cancels(module, logic, t1_node
     assert not worker.busy
 
 
-def test_training_command_runs_the_cli_with_slicers_python(module):
-    command = module.BrainDINOLogic.trainingCommand("fit-head", "--task segmentation --manifest 'my cases.csv'")
-    assert command[1:] == ["-m", "BrainDINOLib.cli", "fit-head", "--task", "segmentation", "--manifest",
-                           "my cases.csv"]
+def test_scene_cases_and_typed_targets_become_a_manifest(scene, tmp_path):
+    """The Fine-tune panel's cases (shared with the web page): the scene's input volumes, never BrainDINO's
+    outputs; typed targets checked before any work; auto splits held out; written as a cases CSV."""
+    from BrainDINOLib.logic import OUTPUT_ATTRIBUTE, SceneCase
+
+    logic = BrainDINOLogic(scene, cache=None)
+    try:
+        import SimpleITK as sitk
+
+        small = Volume.from_image(sitk.Image([6, 5, 4], sitk.sitkFloat32))
+        noise = np.random.default_rng(0)
+        nodes = [mrml.volume_to_node(small.with_array(noise.random(small.shape, np.float32)), scene, f"subject {i}")
+                 for i in range(4)]
+        made = mrml.volume_to_node(small, scene, "a BrainDINO map")
+        made.SetAttribute(OUTPUT_ATTRIBUTE, "1")
+        offered = [c.volume for c in logic.scene_cases() if c.volume.GetName().startswith(("subject", "a Brain"))]
+        assert offered == nodes
+
+        with pytest.raises(BrainDINOError, match="subject 2: target 'old' is not a number"):
+            logic.collect_cases([SceneCase(n, target=t) for n, t in zip(nodes, ["61", "70.5", "old", "55"])],
+                                "regression")
+        with pytest.raises(BrainDINOError, match="survival target"):
+            logic.collect_cases([SceneCase(nodes[0], target="12")], "survival")
+        cases = logic.collect_cases([SceneCase(n, target=t, split=s) for n, t, s in
+                                     zip(nodes, ["61", "70.5", "48", "55"], ["auto", "auto", "auto", "test"])],
+                                    "regression", test_fraction=0.25)
+        assert cases.splits.count("test") == 1 and cases.splits[3] == "test"  # the typed split counts
+        manifest = cases.write(tmp_path / "cases")
+        rows = manifest.read_text().splitlines()
+        assert rows[0] == "case,split,image,target" and rows[4].startswith("subject 3,test,003_subject_3.nii,55")
+        assert all((tmp_path / "cases" / f"00{i}_subject_{i}.nii").is_file() for i in range(4))
+    finally:
+        logic.shutdown()

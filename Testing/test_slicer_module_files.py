@@ -38,3 +38,20 @@ def test_cmake_ships_every_script_and_resource_that_exists():
         assert (MODULE / path).is_file(), f"CMakeLists.txt lists {path}, which does not exist"
     resources = {str(p.relative_to(MODULE)) for p in (MODULE / "Resources").rglob("*") if p.is_file()}
     assert resources <= listed, f"resources not shipped: {sorted(resources - listed)}"
+
+
+def test_ui_and_widget_code_use_only_what_slicer_5_12_widgets_have():
+    """Slicer's widget API checker (../shared/slicer-python/check_ui.py): every property, enum value, .ui
+    connection and connect('signal(args)') string must exist in Slicer 5.12.3, its CTK and Qt 5.15."""
+    import subprocess
+    import sys
+
+    import pytest
+
+    checker = REPO.parent / "shared" / "slicer-python" / "check_ui.py"
+    if not checker.is_file():
+        pytest.skip(f"Slicer's widget API checker is not at {checker} (../shared is absent)")
+    result = subprocess.run([sys.executable, str(checker), str(UI), str(checker.with_name("widget-api.json")),
+                             str(MODULE / "BrainDINO.py")], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "ERROR" not in result.stdout and "OK=" in result.stdout

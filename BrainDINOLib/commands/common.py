@@ -12,20 +12,29 @@ if TYPE_CHECKING:
     from tqdm import tqdm
 
 RESOLUTION_PRESETS = ("legacy", "cpu", "mps", "cuda", "fine")  # names of resolution.PRESETS (kept light: no torch)
+PROGRESS_LINES = False  # `braindino --progress-lines`: progress as lines for front ends (process.PROGRESS_PREFIX)
 
 
 def tqdm_progress(description: str, unit: str = "slice") -> tuple[Callable[[int, int], None], tqdm]:
     """A progress callback for the engine that drives a tqdm bar on stderr (use the bar as a context).
 
     The bar is drawn only on a terminal and only after a second of work, and it is erased when it closes
-    (also on an error), so an error message stays the one line on stderr."""
+    (also on an error), so an error message stays the one line on stderr. With `--progress-lines` the bar
+    stays off and each step is a JSON line on stdout, which a front end running the command reads."""
     from tqdm import tqdm
 
-    bar = tqdm(desc=description, unit=unit, leave=False, dynamic_ncols=True, disable=None, delay=1.0)
+    bar = tqdm(desc=description, unit=unit, leave=False, dynamic_ncols=True, disable=True if PROGRESS_LINES else None,
+               delay=1.0)
 
     def update(done: int, total: int) -> None:
         bar.total = total
         bar.update(done - bar.n)
+        if PROGRESS_LINES:
+            import json
+
+            from ..process import PROGRESS_PREFIX
+            print(PROGRESS_PREFIX + json.dumps({"stage": description, "done": int(done), "total": int(total)}),
+                  flush=True)
 
     return update, bar
 

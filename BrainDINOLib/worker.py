@@ -1,0 +1,119 @@
+"""`TorchWorker`: one persistent thread that runs model work one job at a time, so a user interface never blocks.
+
+Qt-free on purpose: the Slicer module polls it from a QTimer, the web page from its event loop, a script
+calls `wait()`. Results and errors are queued and handed to the job's callbacks by `poll()`, on the thread
+that polls, so MRML nodes are only ever touched from that (main) thread.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+Cancel = Callable[[], bool]
+
+
+@dataclass
+class Job:
+    """`work(progress, cancel)` to run on the worker; `on_done(result)` or `on_error(error)` run in `poll()`."""
+
+    label: str
+    work: Callable[[Progress, Cancel], Any]
+    on_done: Callable[[Any], None] | None = None
+    on_error: Callable[[BaseException], None] | None = None
+
+
+class TorchWorker:
+    """Runs submitted jobs in order on one daemon thread.
+
+    Jobs get `progress(done, total)` and `cancel()` (the cooperative flag that `cancel` sets, checked by the
+    engine between batches). `status()` tells what runs and how far it is.
+    """
+
+    def __init__(self, name: str = "BrainDINO torch worker"):
+        self._jobs: queue.Queue[Job | None] = queue.Queue()
+        self._finished: queue.Queue[tuple[Job, Any, BaseException | None]] = queue.Queue()
+        self._cancel = threading.Event()
+        self._lock = threading.Lock()
+        self._progress = (0, 0)
+        self._current: Job | None = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        self._jobs.put(job)
+
+    def cancel(self) -> None:
+        """Stop the running job at its next check and drop the queued ones."""
+        while True:
+            try:
+                self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            self._jobs.task_done()
+        self._cancel.set()
+
+    @property
+    def busy(self) -> bool:
+        """A job runs, waits, or has finished and waits for `poll()`."""
+        return self._current is not None or not self._jobs.empty() or not self._finished.empty()
+
+    def status(self) -> tuple[str, int, int]:
+        """(label of the running job or "", done, total)."""
+        with self._lock:
+            return (self._current.label if self._current else "", *self._progress)
+
+    def poll(self) -> int:
+        """Run the callbacks of finished jobs on the calling thread; return how many finished."""
+        count = 0
+        while True:
+            try:
+                job, result, error = self._finished.get_nowait()
+            except queue.Empty:
+                return count
+            count += 1
+            if error is None:
+                if job.on_done:
+                    job.on_done(result)
+            elif job.on_error:
+                job.on_error(error)
+            else:
+                log.error("%s failed: %s", job.label, error)
+
+    def wait(self) -> None:
+        """Block until every submitted job finished, then run their callbacks here (scripts and tests)."""
+        self._jobs.join()
+        self.poll()
+
+    def shutdown(self) -> None:
+        """Cancel what runs and end the thread (after the running job notices)."""
+        self.cancel()
+        self._jobs.put(None)
+
+    def _report(self, done: int, total: int) -> None:
+        with self._lock:
+            self._progress = (int(done), int(total))
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                self._jobs.task_done()
+                return
+            self._cancel.clear()
+            with self._lock:
+                self._current, self._progress = job, (0, 0)
+            try:
+                outcome = (job, job.work(self._report, self._cancel.is_set), None)
+            except BaseException as error:  # handed to the polling thread, which shows it
+                outcome = (job, None, error)
+            self._finished.put(outcome)  # before `_current` is cleared, so `busy` never reads False in between
+            with self._lock:
+                self._current = None
+            self._jobs.task_done()
