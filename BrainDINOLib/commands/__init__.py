@@ -1,4 +1,4 @@
 """The `braindino` subcommands, one module per capability; each module has `register(subparsers)`."""
-from . import demo, engine, fewshot, heads, maps, training
+from . import cohort, demo, engine, fewshot, heads, maps, training
 
-COMMAND_MODULES = [engine, training, maps, fewshot, heads, demo]
+COMMAND_MODULES = [engine, training, maps, fewshot, heads, cohort, demo]
