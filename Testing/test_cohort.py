@@ -123,6 +123,19 @@ def _rank_process(launcher: psutil.Process, rank: str) -> psutil.Process | None:
     return None
 
 
+def _survivors(store: Path, wait_s: float = 15) -> list[psutil.Process]:
+    """Processes whose command line names `store`, once they had `wait_s` seconds to end."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        alive = []
+        for process in psutil.process_iter(["cmdline"]):
+            if any(str(store) in word for word in process.info["cmdline"] or ()):
+                alive.append(process)
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.2)
+
+
 @pytest.mark.slow
 def test_a_rank_killed_with_sigkill_then_resumed_gives_the_same_store(cohort, one_process_store, tmp_path,
                                                                        teacher_checkpoint):
@@ -139,6 +152,7 @@ def test_a_rank_killed_with_sigkill_then_resumed_gives_the_same_store(cohort, on
     assert victim is not None, "the run finished before rank 1 could be killed"
     victim.send_signal(signal.SIGKILL)
     assert launcher.wait(timeout=120) != 0
+    assert not _survivors(store), "a process of the killed run (a rank or its reading worker) lives on"
     index = json.loads((store / "index.json").read_text())
     assert all(e["status"] == "pending" for e in index["entries"]), "a killed run indexed something"
     killed = FeatureStore.open(store).records()

@@ -110,8 +110,8 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="braindino-cohort-bench-"))
     manifest = make_cases("tissue", root / "cases", cases, 0, seed=5, config=config)
     volumes = sorted((root / "cases").glob("*_T1.nii.gz"))
-    print(f"{len(volumes)} tissue cases at {config.spacing_mm:g} mm, model {args.model if not args.smoke else 'fixture'}"
-          f", {os.cpu_count()} cores; one run each")
+    name = "the test fixture at 64 px" if args.smoke else args.model
+    print(f"{len(volumes)} tissue cases at {config.spacing_mm:g} mm, model {name}, {os.cpu_count()} cores; one run each")
 
     loop = sum(timed(cli("embed", str(v), "--out", str(root / f"loop-{n}.safetensors"), "--no-cache", *options))
                for n, v in enumerate(volumes))

@@ -13,8 +13,12 @@ is recorded as skipped, with the reason, and the run goes on. Rank 0 shows the p
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import logging
 import os
+import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -40,6 +44,7 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]  # (volumes finished in this run, volumes to embed in this run)
 PROGRESS_INTERVAL_S = 0.5  # how often rank 0 reads the journals for progress
+PR_SET_PDEATHSIG = 1  # prctl option: a signal for this process when its parent dies (<linux/prctl.h>)
 
 
 def cohort_identity(checkpoint: Checkpoint, policy: ResolutionPolicy, layers: Sequence[int] | None = None,
@@ -120,6 +125,16 @@ class ReadAndPreprocess(Dataset):
 
 def _as_is(item: Prepared) -> Prepared:
     return item
+
+
+def _die_with_parent(_worker_id: int, parent: int) -> None:
+    """Make a DataLoader worker die with its process `parent` (Linux). A worker whose process was killed (SIGKILL
+    of a rank) otherwise hangs for ever at exit, flushing a volume into a queue no one reads."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # it died before the line above
+        os._exit(1)
 
 
 def default_workers(processes_per_node: int) -> int:
@@ -267,7 +282,8 @@ def embed_cohort(cohort: Cohort, store_root: str | Path, session: FeatureSession
     share = pending[distributed.rank::distributed.world_size]
     log.info("rank %d: %d of %d volumes to embed", distributed.rank, len(share), len(pending))
     loader = DataLoader(ReadAndPreprocess(share, session.encoder.patch_size, session.preprocessing, session.policy),
-                        batch_size=None, num_workers=workers if share else 0, collate_fn=_as_is)
+                        batch_size=None, num_workers=workers if share else 0, collate_fn=_as_is,
+                        worker_init_fn=functools.partial(_die_with_parent, parent=os.getpid()))
     prepared_volumes = iter(loader)  # the workers start here, before rank 0's watcher thread
     watcher = JournalWatcher(store, len(pending), progress) if distributed.is_main else None
     with store.journal(distributed.rank) as journal, watcher or contextlib.nullcontext():

@@ -34,8 +34,8 @@ class PlainProgress:
         self.last = (now, done)
         rate = done / max(now - self.started, 1e-9) * 60
         left = f", about {(total - done) / rate:.0f} min left" if 0 < done < total else ""
-        print(f"embed-cohort: {done}/{total} volumes ({100 * done / max(total, 1):.0f} %), {rate:.1f} volumes/min{left}",
-              flush=True)
+        share = 100 * done / max(total, 1)
+        print(f"embed-cohort: {done}/{total} volumes ({share:.0f} %), {rate:.1f} volumes/min{left}", flush=True)
 
 
 def cohort_progress() -> tuple[Callable[[int, int], None], contextlib.AbstractContextManager]:
