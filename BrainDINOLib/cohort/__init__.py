@@ -2,24 +2,12 @@
 feature store that head fitting and evaluation read instead of embedding again.
 
 `read_cohort` lists a manifest's (or folder's) images; `embed_cohort` fills a `FeatureStore` (per-volume feature
-files in the cache format plus index.json); `FeatureStore.open(...).features(path)` reads them back. The names are
-imported on first use, so the command line can register its options without loading torch.
+files in the cache format plus index.json); `FeatureStore.open(...).features(path)` reads them back. Importing
+this package loads torch: the command line imports it only inside the commands that use it.
 """
-from __future__ import annotations
+from .items import Cohort, CohortEntry, read_cohort
+from .run import CohortSummary, cohort_identity, embed_cohort, plan_run
+from .store import FeatureStore, StoreIdentity, VolumeRecord
 
-import importlib
-from typing import Any
-
-_EXPORTS = {"Cohort": "items", "CohortEntry": "items", "read_cohort": "items",
-            "FeatureStore": "store", "StoreIdentity": "store", "VolumeRecord": "store",
-            "CohortSummary": "run", "cohort_identity": "run", "embed_cohort": "run", "plan_run": "run"}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    globals()[name] = value
-    return value
+__all__ = ["Cohort", "CohortEntry", "CohortSummary", "FeatureStore", "StoreIdentity", "VolumeRecord", "cohort_identity",
+           "embed_cohort", "plan_run", "read_cohort"]

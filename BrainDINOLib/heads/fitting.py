@@ -33,7 +33,7 @@ from .survival import admissible_pairs, c_index, cox_partial_likelihood_loss
 from .training import History, TrainConfig, train_module
 
 if TYPE_CHECKING:
-    from ..cohort import FeatureStore
+    from ..cohort.store import FeatureStore
 
 log = logging.getLogger(__name__)
 
