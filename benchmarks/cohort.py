@@ -98,13 +98,13 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=24)
     parser.add_argument("--model", default="demo")
     parser.add_argument("--smoke", action="store_true",
-                        help="4 small cases, the test fixture's tiny model at 64 px: checks that it runs")
+                        help="2 small cases, the test fixture's tiny model at 64 px: checks that it runs")
     args = parser.parse_args()
     from BrainDINOLib.synthetic import CaseConfig, make_cases
 
     cases, config, model = args.cases, CaseConfig(), ["--model", args.model]
     if args.smoke:
-        cases, config, model = 4, replace(CaseConfig(), spacing_mm=6.0), ["--model", str(FIXTURE), "--image-size",
+        cases, config, model = 2, replace(CaseConfig(), spacing_mm=6.0), ["--model", str(FIXTURE), "--image-size",
                                                                           "64"]
     options = [*model, "--device", "cpu"]
     root = Path(tempfile.mkdtemp(prefix="braindino-cohort-bench-"))
