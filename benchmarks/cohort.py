@@ -100,6 +100,12 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true",
                         help="2 small cases, the test fixture's tiny model at 64 px: checks that it runs")
     args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="braindino-cohort-bench-") as folder:
+        run_benchmark(Path(folder), args)
+
+
+def run_benchmark(root: Path, args: argparse.Namespace) -> None:
+    """Every variant on generated cases under `root`."""
     from BrainDINOLib.synthetic import CaseConfig, make_cases
 
     cases, config, model = args.cases, CaseConfig(), ["--model", args.model]
@@ -107,7 +113,6 @@ def main() -> None:
         cases, config, model = 2, replace(CaseConfig(), spacing_mm=6.0), ["--model", str(FIXTURE), "--image-size",
                                                                           "64"]
     options = [*model, "--device", "cpu"]
-    root = Path(tempfile.mkdtemp(prefix="braindino-cohort-bench-"))
     manifest = make_cases("tissue", root / "cases", cases, 0, seed=5, config=config)
     volumes = sorted((root / "cases").glob("*_T1.nii.gz"))
     name = "the test fixture at 64 px" if args.smoke else args.model
