@@ -127,14 +127,19 @@ def _as_is(item: Prepared) -> Prepared:
     return item
 
 
-def _die_with_parent(_worker_id: int, parent: int) -> None:
-    """Make a DataLoader worker die with its process `parent` (Linux). A worker whose process was killed (SIGKILL
-    of a rank) otherwise hangs for ever at exit, flushing a volume into a queue no one reads."""
+def die_with_parent(parent: int) -> None:
+    """Make this process die (SIGKILL) when its parent `parent` does (Linux). A rank whose torchrun was killed
+    would otherwise wait for ever and later write into a store another run is filling; a reading worker whose
+    rank was killed hangs for ever at exit, flushing a volume into a queue no one reads."""
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:  # it died before the line above
         os._exit(1)
+
+
+def _worker_dies_with_parent(_worker_id: int, parent: int) -> None:
+    die_with_parent(parent)
 
 
 def default_workers(processes_per_node: int) -> int:
@@ -283,7 +288,7 @@ def embed_cohort(cohort: Cohort, store_root: str | Path, session: FeatureSession
     log.info("rank %d: %d of %d volumes to embed", distributed.rank, len(share), len(pending))
     loader = DataLoader(ReadAndPreprocess(share, session.encoder.patch_size, session.preprocessing, session.policy),
                         batch_size=None, num_workers=workers if share else 0, collate_fn=_as_is,
-                        worker_init_fn=functools.partial(_die_with_parent, parent=os.getpid()))
+                        worker_init_fn=functools.partial(_worker_dies_with_parent, parent=os.getpid()))
     prepared_volumes = iter(loader)  # the workers start here, before rank 0's watcher thread
     watcher = JournalWatcher(store, len(pending), progress) if distributed.is_main else None
     with store.journal(distributed.rank) as journal, watcher or contextlib.nullcontext():

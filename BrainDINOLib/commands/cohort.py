@@ -70,11 +70,13 @@ def _refuse_skipped(args: argparse.Namespace, skipped: int, images: int) -> None
 def _embed_here(args: argparse.Namespace, cohort) -> int:
     """This process embeds its share: the only one, or one of the processes torchrun started."""
     from ..cohort import embed_cohort
-    from ..cohort.run import default_workers
+    from ..cohort.run import default_workers, die_with_parent
     from ..encoder import load_encoder
     from ..session import FeatureSession
     from ..training.distributed import setup_distributed, teardown_distributed
 
+    if "WORLD_SIZE" in os.environ:  # started by torchrun: end with it
+        die_with_parent(os.getppid())
     distributed = setup_distributed(args.device)
     try:
         encoder = load_encoder(args.model, device=distributed.device)
