@@ -46,7 +46,9 @@ def cohort(tmp_path_factory) -> Path:
 
 
 def model_options(teacher: Path) -> list[str]:
-    return ["--model", str(teacher), "--device", "cpu", "--image-size", "64", "--batch-size", "4"]
+    # fp32: bit-for-bit equality across runs (int8 tokens depend on the batch a slice is quantised with)
+    return ["--model", str(teacher), "--device", "cpu", "--precision", "fp32", "--image-size", "64",
+            "--batch-size", "4"]
 
 
 def environment() -> dict[str, str]:
@@ -222,7 +224,8 @@ def test_a_head_fitted_and_evaluated_from_the_store_equals_one_from_embedding(co
         assert main([*fit, "--out", str(tmp_path / "direct.safetensors"), *model_options(teacher_checkpoint),
                      "--no-cache"]) == 0
         assert main([*fit, "--out", str(tmp_path / "stored.safetensors"), "--store", str(one_process_store),
-                     "--model", str(teacher_checkpoint), "--device", "cpu", "--batch-size", "4", "--no-cache"]) == 0
+                     "--model", str(teacher_checkpoint), "--device", "cpu", "--precision", "fp32", "--batch-size", "4",
+                     "--no-cache"]) == 0
     out = capsys.readouterr().out
     assert out.count("64 px input, every slice") == 2, out  # the store's resolution, without resolution options
     direct, stored = load_head(tmp_path / "direct.safetensors"), load_head(tmp_path / "stored.safetensors")
