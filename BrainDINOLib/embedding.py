@@ -76,17 +76,20 @@ def for_each_batch(stack: SliceStack, encoder: Encoder, work: Callable[[int, int
 
 def embed_volume(volume: Volume, encoder: Encoder, config: PreprocessConfig | None = None,
                  policy: ResolutionPolicy | None = None, layers: Sequence[int] = (), batch_size: int | None = None,
-                 progress: Progress | None = None, cancel: Cancel | None = None) -> VolumeFeatures:
+                 progress: Progress | None = None, cancel: Cancel | None = None,
+                 stack: SliceStack | None = None) -> VolumeFeatures:
     """Embed the axial slices of `volume` that `policy` chooses with `encoder`.
 
     Batched inference (batch size from free memory unless given), bf16 autocast on CUDA and fp32 elsewhere,
     optional intermediate `layers` (block indices, after the final norm), `progress(done, total)` after each
-    batch, and `cancel()` checked between batches (raises `CancelledError`).
+    batch, and `cancel()` checked between batches (raises `CancelledError`). `stack`, when given, is the
+    volume's `SliceStack` under `config` and `policy`, already built (e.g. in a DataLoader worker).
     """
     config = config or default_preprocessing(encoder)
     policy = policy or ResolutionPolicy()
     layers = tuple(sorted(set(layers)))
-    stack = SliceStack.from_volume(volume, encoder.patch_size, config, policy)
+    if stack is None:
+        stack = SliceStack.from_volume(volume, encoder.patch_size, config, policy)
     total = len(stack)
     h, w = stack.geometry.grid
     dim = encoder.embed_dim

@@ -134,18 +134,25 @@ class Encoder:
             raise BrainDINOError(f"layers {','.join(map(str, layers))}", f"out of range for {self.model_id}, a "
                                                                          f"{depth}-block model (use 0 to {depth - 1})")
         x = images.to(self.device)
+        # int8 quantises activations with one scale per forward pass: each image runs alone, so that its tokens
+        # never depend on the images batched with it (features stay the same whatever the batch size).
+        parts = x.split(1) if self.precision == "int8" else (x,)
         with precision_context(self.device, self.precision):
-            if layers:
-                final, intermediates = self.runner.forward_intermediates(x, indices=layers, norm=True,
-                                                                         output_fmt="NLC")
-            else:
-                final, intermediates = self.runner.forward_features(x), []
+            outputs = [self._forward(part, layers) for part in parts]
+        final = torch.cat([output[0] for output in outputs])
+        intermediates = [torch.cat(blocks) for blocks in zip(*(output[1] for output in outputs))]
         h, w = height // patch, width // patch
         registers = self.architecture.num_register_tokens
         prefix = 1 + registers
         return Tokens(cls=final[:, 0], registers=final[:, 1:prefix],
                       patches=final[:, prefix:].reshape(batch, h, w, -1),
                       layers={i: y.reshape(batch, h, w, -1) for i, y in zip(layers, intermediates)})
+
+    def _forward(self, x: Tensor, layers: list[int]) -> tuple[Tensor, list[Tensor]]:
+        """(final normed tokens, normed tokens of blocks `layers`), each [B, prefix + patches, D]."""
+        if layers:
+            return self.runner.forward_intermediates(x, indices=layers, norm=True, output_fmt="NLC")
+        return self.runner.forward_features(x), []
 
 
 def load_encoder(source: str | Path = "demo", device: str | torch.device | None = None,

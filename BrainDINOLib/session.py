@@ -79,8 +79,9 @@ class FeatureSession:
         return volume_key(volume, self.encoder.feature_id, self.preprocessing)
 
     def features(self, volume: Volume, layers: Sequence[int] = (), progress: Progress | None = None,
-                 cancel: Cancel | None = None) -> VolumeFeatures:
-        """Features of `volume` with at least the blocks `layers`, from memory, the disk cache or the encoder."""
+                 cancel: Cancel | None = None, stack: SliceStack | None = None) -> VolumeFeatures:
+        """Features of `volume` with at least the blocks `layers`, from memory, the disk cache or the encoder
+        (`stack`: the volume's `slice_stack`, if already built)."""
         layers = tuple(sorted(set(layers)))
         key = self.cache_key(volume)
         held = [f for f in self._memory.get(key, []) if serves(f, self.policy, layers)]
@@ -92,7 +93,7 @@ class FeatureSession:
             log.info("features of %s from the cache %s", volume.source or "volume", self.cache.root)
         else:
             features = embed_volume(volume, self.encoder, self.preprocessing, self.policy, layers, self.batch_size,
-                                    progress, cancel)
+                                    progress, cancel, stack)
             if self.cache is not None:
                 self.cache.put(key, features)
         if progress:

@@ -193,6 +193,16 @@ def embedded_slices(foreground_area: np.ndarray, min_fraction: float, step: int)
     return chosen
 
 
+def check_resolution(policy: ResolutionPolicy, patch_size: int) -> None:
+    """Raise `BrainDINOError` unless a model with `patch_size` can embed under `policy` (checked for every volume,
+    and once up front by work that should not fail volume after volume)."""
+    if policy.image_size is not None and policy.image_size % patch_size:
+        raise BrainDINOError(f"image size {policy.image_size}",
+                             f"must be a positive multiple of the model's patch size {patch_size}")
+    if policy.shifts > 1 and patch_size % policy.shifts:
+        raise BrainDINOError(f"{policy.shifts} shifts", f"do not divide the model's patch size {patch_size}")
+
+
 @dataclass
 class SliceStack:
     """Model-ready axial slices of one volume plus their `SliceGeometry` and the upsampling guide.
@@ -235,11 +245,7 @@ class SliceStack:
                     policy: ResolutionPolicy | None = None) -> SliceStack:
         config = config or PreprocessConfig()
         policy = policy or ResolutionPolicy()
-        if policy.image_size is not None and policy.image_size % patch_size:
-            raise BrainDINOError(f"image size {policy.image_size}",
-                                 f"must be a positive multiple of the model's patch size {patch_size}")
-        if policy.shifts > 1 and patch_size % policy.shifts:
-            raise BrainDINOError(f"{policy.shifts} shifts", f"do not divide the model's patch size {patch_size}")
+        check_resolution(policy, patch_size)
         mask = foreground_mask(volume)
         if mask.sum() < config.min_foreground_voxels:
             raise BrainDINOError(volume.source or "volume", f"no usable foreground: only {int(mask.sum())} voxels "

@@ -310,6 +310,23 @@ def _manifests(folder: Path, images: list[str], labels: str) -> dict[str, Path]:
     return paths
 
 
+def _stores(folder: Path, manifest: Path, model: Path) -> dict[str, Path]:
+    """Feature stores of the classification manifest (its four images) made by embed-cohort at 64 px: with the
+    blocks segmentation reads and with none; and folders that are not stores."""
+    folder.mkdir()
+    stores = {"store": folder / "store", "store without blocks": folder / "no_blocks"}
+    for name, extra in (("store", []), ("store without blocks", ["--layers", ""])):
+        assert main(["embed-cohort", str(manifest), "--out", str(stores[name]), "--model", str(model), "--device",
+                     "cpu", "--image-size", IMAGE_SIZE, "--workers", "0", *extra]) == 0
+    stores["store not a store"] = folder / "holiday_photos"
+    stores["store not a store"].mkdir()
+    (stores["store not a store"] / "beach.jpg").write_bytes(b"\xff\xd8")
+    stores["store index not JSON"] = folder / "index_not_json"
+    stores["store index not JSON"].mkdir()
+    (stores["store index not JSON"] / "index.json").write_text("{ half an index")
+    return stores
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory, teacher_checkpoint) -> Corpus:
     root = tmp_path_factory.mktemp("hostile") / "inputs"
@@ -342,6 +359,7 @@ def corpus(tmp_path_factory, teacher_checkpoint) -> Corpus:
     encoder_copy = root / "encoder.safetensors"
     shutil.copy(Path(__file__).resolve().parents[1] / "BrainDINOLib" / "models" / "demo.safetensors", encoder_copy)
     corpus.files["encoder.safetensors"] = encoder_copy
+    corpus.files.update(_stores(root / "stores", corpus["manifest classification"], model))
     return corpus
 
 
@@ -700,9 +718,69 @@ OPTION_CASES: dict[str, tuple[Callable[[Corpus, Path], list], str]] = {
 }
 
 
-# Outputs over inputs, heads and what they are applied to, options: one table of command lines.
+# -- cohorts: embed-cohort, and fit-head / evaluate reading a feature store
+
+def _embed_cohort(c: Corpus, cohort: Path, out: Path, *extra) -> list:
+    return ["embed-cohort", cohort, "--out", out, "--model", c.model, "--device", "cpu", "--image-size", IMAGE_SIZE,
+            "--workers", "0", *extra]
+
+
+def _fit_from(c: Corpus, out: Path, store: str, *extra) -> list:
+    return ["fit-head", "--task", "segmentation", "--manifest", c["manifest segmentation"], "--out",
+            out / "h.safetensors", "--store", c[store], *extra, "--model", c.model, "--device", "cpu"]
+
+
+COHORT_CASES: dict[str, tuple[Callable[[Corpus, Path], list], str]] = {
+    "embed-cohort: no such manifest": (
+        lambda c, out: _embed_cohort(c, c.root / "manifests" / "none.csv", out / "s"), "no such manifest file"),
+    "embed-cohort: manifest with semicolons": (
+        lambda c, out: _embed_cohort(c, c["manifest semicolons"], out / "s"), "columns are separated by semicolons"),
+    "embed-cohort: a folder of no volumes": (
+        lambda c, out: _embed_cohort(c, c.root / "heads", out / "s"), "holds no volumes"),
+    "embed-cohort: store over the manifest": (
+        lambda c, out: _embed_cohort(c, c["manifest classification"], c["manifest classification"]),
+        "exists and is not a folder"),
+    "embed-cohort: store among other files": (
+        lambda c, out: _embed_cohort(c, c["manifest classification"], c["store not a store"]),
+        "is a folder of other files (beach.jpg, ...), not a BrainDINO feature store"),
+    "embed-cohort: store of another resolution": (
+        lambda c, out: _embed_cohort(c, c["manifest classification"], c["store"], "--image-size", "32"),
+        "was made at another resolution (64 px input"),
+    "embed-cohort: store of other blocks": (
+        lambda c, out: _embed_cohort(c, c["manifest classification"], c["store without blocks"]),
+        "holds encoder blocks none, not 0,1,2"),
+    "embed-cohort: store of another model": (
+        lambda c, out: _embed_cohort(c, c["manifest classification"], c["store"], "--model", c["encoder.safetensors"]),
+        "was made with the model teacher_checkpoint-"),
+    "embed-cohort: layers out of range": (
+        lambda c, out: _embed_cohort(c, c["manifest classification"], out / "s", "--layers", "0,9"),
+        "layers 0,9: out of range for teacher_checkpoint-"),
+    "embed-cohort: processes 0": (
+        lambda c, out: _embed_cohort(c, c["manifest classification"], out / "s", "--nproc-per-node", "0"),
+        "expected an integer of at least 1"),
+    "fit-head: no such store": (
+        lambda c, out: [*_fit_from(c, out, "store"), "--store", c.root / "stores" / "none"], "no such feature store"),
+    "fit-head: a folder that is no store": (
+        lambda c, out: _fit_from(c, out, "store not a store"), "is not a BrainDINO feature store (no index.json)"),
+    "fit-head: store index not JSON": (
+        lambda c, out: _fit_from(c, out, "store index not JSON"), "is not a valid feature-store index"),
+    "fit-head: store of another model": (
+        lambda c, out: [*_fit_from(c, out, "store"), "--model", c["encoder.safetensors"]],
+        "was made with the model teacher_checkpoint-"),
+    "fit-head: store at another resolution": (
+        lambda c, out: _fit_from(c, out, "store", "--image-size", "32"), "was made at another resolution"),
+    "fit-head: store without the blocks the head reads": (
+        lambda c, out: _fit_from(c, out, "store without blocks"), "holds encoder blocks none, not 0,1,2"),
+    "evaluate: store at another resolution": (
+        lambda c, out: [*_evaluate(c, out, "segmentation.safetensors", "segmentation"), "--store", c["store"],
+                        "--image-size", "32"], "was made at another resolution"),
+}
+
+
+# Outputs over inputs, heads and what they are applied to, options, cohorts: one table of command lines.
 COMMAND_LINES = {f"{group}: {name}": case for group, table in (("output", OUTPUT_CASES), ("head", HEAD_CASES),
-                                                               ("option", OPTION_CASES)) for name, case in table.items()}
+                                                               ("option", OPTION_CASES), ("cohort", COHORT_CASES))
+                 for name, case in table.items()}
 
 
 @pytest.mark.parametrize("name", COMMAND_LINES)

@@ -91,3 +91,13 @@ def test_cache_keeps_precisions_apart_and_heads_see_one_model(demo_encoders, tmp
     assert second.model_id == first.model_id
     assert not torch.equal(first.patches, second.patches)
     assert torch.equal(features(fp32).patches, first.patches)
+
+
+@needs_int8
+def test_int8_tokens_of_a_slice_do_not_depend_on_its_batch(demo_encoders, colin27_slices):
+    """Activations are quantised with one scale per forward pass; each slice runs alone so that features do not
+    change with the batch size (which follows free memory)."""
+    int8 = demo_encoders["int8"]
+    together = int8.tokens(colin27_slices[:3], [0, 3])
+    alone = int8.tokens(colin27_slices[1:2], [0, 3])
+    assert torch.equal(together.patches[1], alone.patches[0]) and torch.equal(together.layers[3][1], alone.layers[3][0])

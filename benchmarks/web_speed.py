@@ -74,10 +74,10 @@ def report(run: dict) -> None:
     print(f"  server RSS: volume shown {run['loaded_mib']:.0f} MiB; after features, PCA, {len(clicks)} clicks "
           f"{run['after_mib']:.0f} MiB")
     names = ("map (Logic)", "show (MRML)", "server total", "click->report", "click->picture")
-    print("  per click, s:        first   median of the rest   all")
+    print("  per click:            first   median of the rest   all")
     for column, name in enumerate(names):
         rest = clicks[1:, column] if len(clicks) > 1 else clicks[:, column]
-        print(f"    {name:15s} {clicks[0, column]:8.3f} {np.median(rest):12.3f}          "
+        print(f"    {name:15s} {clicks[0, column]:6.3f} s {np.median(rest):10.3f} s        "
               + " ".join(f"{v:.2f}" for v in clicks[:, column]))
 
 

@@ -1,4 +1,4 @@
 """The `braindino` subcommands, one module per capability; each module has `register(subparsers)`."""
-from . import demo, engine, fewshot, heads, maps, serve, training
+from . import cohort, demo, engine, fewshot, heads, maps, serve, training
 
-COMMAND_MODULES = [engine, training, maps, fewshot, heads, demo, serve]
+COMMAND_MODULES = [engine, training, maps, fewshot, heads, cohort, demo, serve]

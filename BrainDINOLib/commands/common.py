@@ -73,9 +73,9 @@ def parse_layers(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated block indices, got {text!r}") from None
 
 
-def add_model_options(parser: argparse.ArgumentParser) -> None:
-    """Options shared by every command that embeds volumes: the model, where it runs, the feature cache, and
-    the resolution (see `BrainDINOLib.resolution`)."""
+def add_model_options(parser: argparse.ArgumentParser, cache: bool = True) -> None:
+    """Options shared by every command that embeds volumes: the model, where it runs, the feature cache (unless
+    `cache` is False), and the resolution (see `BrainDINOLib.resolution`)."""
     parser.add_argument("--model", default="demo", help="checkpoint file or built-in model name (default: demo)")
     parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     parser.add_argument("--precision", choices=("auto", "fp32", "int8", "bf16"), default="auto",  # inference.PRECISIONS
@@ -83,9 +83,10 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                              "elsewhere); fp32 reproduces the reference features exactly")
     parser.add_argument("--batch-size", type=int_between(1), default=None,
                         help="slices per batch (default: from free memory)")
-    parser.add_argument("--no-cache", action="store_true", help="neither read nor write the feature cache")
-    parser.add_argument("--cache-dir", type=Path, default=None,
-                        help="feature cache folder (default: $BRAINDINO_CACHE or ~/.cache/braindino)")
+    if cache:
+        parser.add_argument("--no-cache", action="store_true", help="neither read nor write the feature cache")
+        parser.add_argument("--cache-dir", type=Path, default=None,
+                            help="feature cache folder (default: $BRAINDINO_CACHE or ~/.cache/braindino)")
     resolution = parser.add_argument_group("resolution (default: by device, printed at the start)")
     resolution.add_argument("--resolution", choices=RESOLUTION_PRESETS, default=None,
                             help="named setting: cpu (6 mm), mps (4 mm), cuda or fine (3 mm), legacy (224 px, every "
@@ -105,11 +106,12 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                                  "the time (for GPUs)")
 
 
-def policy_from_args(args: argparse.Namespace, device_type: str):
-    """The `ResolutionPolicy` the options ask for: a preset (default: the device's), then single settings."""
+def policy_from_args(args: argparse.Namespace, device_type: str, base=None):
+    """The `ResolutionPolicy` the options ask for: a preset (default: `base`, else the device's), then single
+    settings."""
     from ..resolution import PRESETS, default_policy, with_overrides
 
-    policy = PRESETS[args.resolution] if args.resolution else default_policy(device_type)
+    policy = PRESETS[args.resolution] if args.resolution else base or default_policy(device_type)
     if args.patch_mm is not None:
         policy = replace(policy, patch_mm=args.patch_mm, image_size=None)
     return with_overrides(policy, image_size=args.image_size, slice_step_mm=args.slice_step_mm,
@@ -122,14 +124,15 @@ def feature_cache(args: argparse.Namespace):
     return None if args.no_cache else FeatureCache(args.cache_dir)
 
 
-def open_session(args: argparse.Namespace):
-    """The `FeatureSession` the options ask for; prints its model, device and resolution."""
+def open_session(args: argparse.Namespace, base_policy=None):
+    """The `FeatureSession` the options ask for (resolution: `base_policy` where they name none, else the device's
+    default); prints its model, device and resolution."""
     from ..encoder import load_encoder
     from ..session import FeatureSession
 
     encoder = load_encoder(args.model, device=args.device, precision=args.precision)
-    session = FeatureSession.for_encoder(encoder, policy_from_args(args, encoder.device.type), feature_cache(args),
-                                         args.batch_size)
+    session = FeatureSession.for_encoder(encoder, policy_from_args(args, encoder.device.type, base_policy),
+                                         feature_cache(args), args.batch_size)
     print(f"features: {session.describe()}", flush=True)
     return session
 

@@ -74,6 +74,15 @@ def _manifest_inputs(manifest, outputs: list[Path]) -> None:
     refuse_output_over_input(outputs, [manifest.path, *[path for path in listed if path.is_file()]])
 
 
+def _feature_store(args: argparse.Namespace):
+    """The feature store of `--store` (opened, and so checked, before the model is loaded), or None."""
+    if args.store is None:
+        return None
+    from ..cohort import FeatureStore
+
+    return FeatureStore.open(args.store)
+
+
 def run_fit_head(args: argparse.Namespace) -> int:
     """Check everything cheap first; write the head and its report only once fitting and testing succeeded."""
     from ..manifest import Manifest
@@ -88,15 +97,16 @@ def run_fit_head(args: argparse.Namespace) -> int:
 
     config = _fit_config(args, args.task)
     check_manifest(manifest, config)  # before the model is loaded
-    session = open_session(args)
+    store = _feature_store(args)
+    session = open_session(args, store.identity.policy if store else None)
     started = time.perf_counter()
     progress, bar = tqdm_progress("features", unit="case")
     with bar:
-        result = fit_head(manifest, session, config, progress=progress)
+        result = fit_head(manifest, session, config, progress=progress, store=store)
     seconds = time.perf_counter() - started
     test = None
     if manifest.select("test") and "split" in manifest.columns:
-        test = evaluate(result.head, manifest, session, split="test", columns=config)
+        test = evaluate(result.head, manifest, session, split="test", columns=config, store=store)
     save_head(result.head, args.out)
     print(f"fitted a {args.task} head in {seconds:.1f} s; wrote {args.out}")
     write_report(report, Evaluation(result.metrics, []), result.head, result.history, stem="fit_metrics")
@@ -123,10 +133,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
     head = load_head(args.head)
     split, columns = None if args.split == "all" else args.split, _fit_config(args, head.card.task)
     evaluation_rows(head, manifest, split, columns)  # before the model is loaded
-    session = open_session(args)
+    store = _feature_store(args)
+    session = open_session(args, store.identity.policy if store else None)
     progress, bar = tqdm_progress("cases", unit="case")
     with bar:
-        evaluation = evaluate(head, manifest, session, split=split, columns=columns, progress=progress)
+        evaluation = evaluate(head, manifest, session, split=split, columns=columns, progress=progress, store=store)
     written = write_report(report, evaluation, head)
     _print_scalars(f"{head.card.task} ({evaluation.metrics.get('subjects', evaluation.metrics.get('cases'))} cases)",
                    evaluation.metrics)
@@ -220,6 +231,12 @@ def run_make_cases(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_store_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--store", type=Path, default=None,
+                        help="read the features from this store (made by embed-cohort) instead of embedding; it must "
+                             "hold this --model and the blocks the head reads (resolution: the store's)")
+
+
 def _add_column_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("manifest columns")
     group.add_argument("--image-columns", type=_comma_list, default=(),
@@ -256,9 +273,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     fit.add_argument("--batch", type=int_between(1), default=32, help="slices (segmentation) or subjects per step")
     fit.add_argument("--patience", type=int_between(1), default=30, help="early stopping patience in epochs")
     _add_column_options(fit)
+    _add_store_option(fit)
     add_model_options(fit)
     fit.set_defaults(run=run_fit_head)
-    declare_files(fit, inputs={"manifest": "manifest file", "classes": "class-name file"},
+    declare_files(fit, inputs={"manifest": "manifest file", "classes": "class-name file", "store": "feature store"},
                   outputs={"out": "file", "report": "folder"})
 
     predict = commands.add_parser("predict", help="apply a head to volumes (subject heads: prints JSON)")
@@ -287,9 +305,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     ev.add_argument("--split", default="test", help="rows to use: test (default), train, or all")
     ev.add_argument("--report", type=Path, default=Path("evaluation"), help="output folder (default: ./evaluation)")
     _add_column_options(ev)
+    _add_store_option(ev)
     add_model_options(ev)
     ev.set_defaults(run=run_evaluate)
-    declare_files(ev, inputs={"head": "head file", "manifest": "manifest file"}, outputs={"report": "folder"})
+    declare_files(ev, inputs={"head": "head file", "manifest": "manifest file", "store": "feature store"},
+                  outputs={"report": "folder"})
 
     make = commands.add_parser("make-cases", help="generate labelled cases from the real templates (+ manifest)")
     # Checked by make_cases (importing the generator here would delay every command by its scipy import).

@@ -64,11 +64,12 @@ def evaluation_rows(head: Head, manifest: Manifest, split: str | None = "test",
 
 
 def evaluate(head: Head, manifest: Manifest, session: FeatureSession, split: str | None = "test",
-             columns: FitConfig | None = None, progress=None, cancel=None) -> Evaluation:
+             columns: FitConfig | None = None, progress=None, cancel=None, store=None) -> Evaluation:
     """Metrics of `head` on the manifest rows of `split` (`test`; all rows when there is no split column).
-    Column names come from `columns` (a `FitConfig`; the defaults otherwise)."""
+    Column names come from `columns` (a `FitConfig`; the defaults otherwise); features from `store` (a
+    `FeatureStore`) when given."""
     rows = evaluation_rows(head, manifest, split, columns)
-    source = FeatureSource.for_head(head, session, progress=progress, cancel=cancel)
+    source = FeatureSource.for_head(head, session, progress=progress, cancel=cancel, store=store)
     card = head.card
     config = replace(columns, task=card.task) if columns else FitConfig(task=card.task)
     if card.task == "segmentation":

@@ -11,6 +11,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -30,6 +31,9 @@ from .segmentation import head_inputs, make_segmentation_module, segmentation_lo
 from .subject import Bag, SubjectHead, class_probabilities, regression_values, slice_tokens, subject_outputs
 from .survival import admissible_pairs, c_index, cox_partial_likelihood_loss
 from .training import History, TrainConfig, train_module
+
+if TYPE_CHECKING:
+    from ..cohort.store import FeatureStore
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +75,19 @@ class FitResult:
 
 @dataclass
 class FeatureSource:
-    """Features of manifest images from one `FeatureSession`, with the encoder blocks a head reads."""
+    """Features of manifest images from one `FeatureSession`, with the encoder blocks a head reads; with `store`
+    (made by `embed-cohort`), read from it instead of embedded (it must hold the session's model, preprocessing,
+    resolution and those blocks)."""
 
     session: FeatureSession
     layers: tuple[int, ...] = ()
     progress: Callable[[int, int], None] | None = None
     cancel: Callable[[], bool] | None = None
+    store: FeatureStore | None = None
+
+    def __post_init__(self) -> None:
+        if self.store is not None:
+            self.store.check_serves(self.session, self.layers)
 
     @classmethod
     def for_head(cls, head: Head, session: FeatureSession, **kwargs) -> FeatureSource:
@@ -85,6 +96,8 @@ class FeatureSource:
         return cls(session, tuple(head.card.layers), **kwargs)
 
     def __call__(self, path: str | Path) -> VolumeFeatures:
+        if self.store is not None:
+            return self.store.features(path, self.layers)
         return self.session.features(read_volume(path), self.layers, cancel=self.cancel)
 
 
@@ -255,7 +268,7 @@ def _fit_subject_head(data: SubjectData, val: SubjectData | None, config: FitCon
 
 
 def fit_subject(manifest: Manifest, session: FeatureSession, config: FitConfig, progress=None,
-                cancel=None) -> FitResult:
+                cancel=None, store: FeatureStore | None = None) -> FitResult:
     """Fit a classification, regression, survival or kNN head on the manifest's training rows."""
     rows = check_manifest(manifest, config)
     columns = manifest.image_columns(config.image_columns)
@@ -265,7 +278,7 @@ def fit_subject(manifest: Manifest, session: FeatureSession, config: FitConfig, 
     keep = label_subset(len(rows), config.label_fraction, config.seed, strata)
     rows, y = [rows[i] for i in keep], y[keep]
     event = None if event is None else event[keep]
-    source = FeatureSource(session, (), progress, cancel)
+    source = FeatureSource(session, (), progress, cancel, store)
     data = SubjectData(subject_bags(manifest, rows, columns, source), y, event)
     classes = make_classes(list(range(len(class_names))), class_names) if class_names else []
     card = HeadCard(task=config.task, kind="knn" if config.task == "knn" else "subject-mlp",
@@ -339,14 +352,14 @@ def read_labels(manifest: Manifest, row: int, column: str, shape: tuple[int, ...
 
 
 def fit_segmentation(manifest: Manifest, session: FeatureSession, config: FitConfig, progress=None,
-                     cancel=None) -> FitResult:
+                     cancel=None, store: FeatureStore | None = None) -> FitResult:
     """Fit a segmentation head on every embedded slice of the manifest's training cases."""
     rows = check_manifest(manifest, config)
     column = manifest.image_columns(config.image_columns)[0]
     manifest.warn_shared_images([column])
     rows = [rows[i] for i in label_subset(len(rows), config.label_fraction, config.seed)]
     layers = tuple(sorted(session.segmentation_layers if config.layers is None else config.layers))
-    source = FeatureSource(session, layers, progress, cancel)
+    source = FeatureSource(session, layers, progress, cancel, store)
     kind = config.kind or "linear"
     cases = []
     for n, row in enumerate(rows):
@@ -427,10 +440,11 @@ def check_manifest(manifest: Manifest, config: FitConfig) -> list[int]:
 
 
 def fit_head(manifest: Manifest, session: FeatureSession, config: FitConfig, progress=None,
-             cancel=None) -> FitResult:
-    """Fit the head `config.task` asks for (see the module docstring for the manifest's columns)."""
+             cancel=None, store: FeatureStore | None = None) -> FitResult:
+    """Fit the head `config.task` asks for (see the module docstring for the manifest's columns); features come
+    from `store` when given (see `FeatureSource`)."""
     if config.task == "segmentation":
-        return fit_segmentation(manifest, session, config, progress, cancel)
+        return fit_segmentation(manifest, session, config, progress, cancel, store)
     if config.task in SUBJECT_TASKS:
-        return fit_subject(manifest, session, config, progress, cancel)
+        return fit_subject(manifest, session, config, progress, cancel, store)
     raise BrainDINOError(config.task, UNKNOWN_TASK)

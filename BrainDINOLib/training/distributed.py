@@ -33,6 +33,14 @@ class Distributed:
         if self.enabled:
             dist.barrier()
 
+    def broadcast(self, value: object) -> object:
+        """Rank 0's `value` on every rank (other ranks pass anything; just `value` in a single process)."""
+        if not self.enabled:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def gather(self, value: object) -> list[object]:
         """`value` from every rank, in rank order (just `[value]` in a single process)."""
         if not self.enabled:
