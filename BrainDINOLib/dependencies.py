@@ -14,7 +14,6 @@ Slicer (dialogs, PyTorchUtils, slicer.packaging) and any other front end.
 from __future__ import annotations
 
 import importlib.metadata
-import importlib.util
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -83,10 +82,6 @@ class Requirements:
 
     def missing_packages(self) -> list[Requirement]:
         return [r for r in self.packages if unmet(r)]
-
-    @property
-    def satisfied(self) -> bool:
-        return not self.missing_torch() and not self.missing_packages()
 
 
 @dataclass(frozen=True)
@@ -158,8 +153,3 @@ class DependencyInstaller:
         if torch and torch_was_imported:
             return DependencyState(True, "PyTorch was updated: restart to use it", restart_needed=True)
         return DependencyState(True, "dependencies installed")
-
-
-def torch_importable() -> bool:
-    """torch can be imported here (checked without importing it)."""
-    return importlib.util.find_spec("torch") is not None

@@ -80,7 +80,7 @@ def embed_volume(volume: Volume, encoder: Encoder, config: PreprocessConfig | No
                  stack: SliceStack | None = None) -> VolumeFeatures:
     """Embed the axial slices of `volume` that `policy` chooses with `encoder`.
 
-    Batched inference (batch size from free memory unless given), bf16 autocast on CUDA and fp32 elsewhere,
+    Batched inference (batch size from free memory unless given) at the encoder's precision (`inference.py`),
     optional intermediate `layers` (block indices, after the final norm), `progress(done, total)` after each
     batch, and `cancel()` checked between batches (raises `CancelledError`). `stack`, when given, is the
     volume's `SliceStack` under `config` and `policy`, already built (e.g. in a DataLoader worker).

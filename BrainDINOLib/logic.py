@@ -296,17 +296,18 @@ class BrainDINOLogic:
 
     # ---- model ---------------------------------------------------------------------------------------------
 
-    def load_model(self, source: str = "demo", device: str = "auto",
-                   policy: ResolutionPolicy | None = None) -> Encoder:
-        """Load an encoder (a checkpoint path or a built-in name such as "demo") with the shared feature cache;
-        `policy` None takes the device's default resolution. Any thread."""
+    def load_model(self, source: str = "demo", device: str = "auto", policy: ResolutionPolicy | None = None,
+                   precision: str = "auto") -> Encoder:
+        """Load an encoder (a checkpoint path or a built-in name such as "demo") with the shared feature cache, to
+        run at `precision` (see `inference.py`); `policy` None takes the device's default resolution. Any thread."""
         from .cache import FeatureCache
         from .session import FeatureSession
 
         cache = self.cache
         if isinstance(cache, (str, Path)):
             cache = FeatureCache(None if cache == DEFAULT_CACHE else cache)
-        self.session = FeatureSession.open(source, None if device in ("", "auto") else device, policy, cache)
+        self.session = FeatureSession.open(source, None if device in ("", "auto") else device, policy, cache,
+                                           precision=precision)
         self.model_source = str(source)
         self._similarity = None
         return self.session.encoder
@@ -563,7 +564,8 @@ class BrainDINOLogic:
         arguments = ["--task", request.task, "--manifest", str(manifest),
                      "--out", str(head), "--report", str(report), "--epochs", str(request.epochs),
                      "--val-fraction", f"{val:g}", "--seed", str(request.seed), "--model", self.model_source,
-                     "--device", session.encoder.device.type, *resolution_arguments(session.policy)]
+                     "--device", str(session.encoder.device), "--precision", session.encoder.precision,
+                     *resolution_arguments(session.policy)]
         if request.kind:
             arguments += ["--kind", request.kind]
         if class_names is not None:

@@ -26,7 +26,8 @@ from heads_helpers import TEST_CASES
 from safetensors import safe_open
 
 from BrainDINOLib.cli import build_parser, main
-from BrainDINOLib.cohort import FeatureStore, read_cohort
+from BrainDINOLib import PreprocessConfig, ResolutionPolicy
+from BrainDINOLib.cohort import FeatureStore, StoreIdentity, read_cohort
 from BrainDINOLib.commands.cohort import command_line
 from BrainDINOLib.heads import load_head
 from BrainDINOLib.synthetic import make_cases
@@ -256,3 +257,11 @@ def test_the_cohort_benchmark_runs_in_smoke_mode(tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "volumes/min" in result.stdout and "resume" in result.stdout and "8-GPU node" in result.stdout, \
         result.stdout
+
+
+def test_a_store_is_filled_at_one_precision_and_read_at_any():
+    """Resuming at another precision would mix int8 and fp32 files in one store; heads read either."""
+    fp32 = StoreIdentity("model-1", "fp32", PreprocessConfig(), ResolutionPolicy(patch_mm=6.0), (0, 1))
+    int8 = replace(fp32, precision="int8")
+    assert fp32.mismatch(int8) == "was made at fp32 precision, not int8; pass --precision fp32, or use another store"
+    assert fp32.mismatch(int8, reading=True) == "" and StoreIdentity.from_dict(fp32.to_dict()) == fp32

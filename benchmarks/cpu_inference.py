@@ -191,15 +191,16 @@ def task_fidelity(precision_name: str, work: Path) -> dict[str, dict[str, float]
     from BrainDINOLib.demo import DemoConfig, run_demo
     from BrainDINOLib.session import FeatureSession
     from BrainDINOLib.training.probe import tissue_probe
-    from BrainDINOLib.training.tissue import tissue_classes
+    from BrainDINOLib.resolution import LEGACY
+    from BrainDINOLib.tissue import tissue_classes
 
     labels = tissue_classes(read_volume(MNI152_GM), read_volume(MNI152_WM))
     t1 = read_volume(MNI152_T1)
     results: dict[str, dict[str, float]] = {}
     for name in ("fp32", precision_name):
-        session = FeatureSession.open("demo", "cpu", precision=name)
+        session = FeatureSession.open("demo", "cpu", LEGACY, precision=name)
         probe = tissue_probe(session, t1, labels, baselines=False)
-        demo = run_demo(work / f"demo-{name}", DemoConfig(precision=name, compare_with=None))
+        demo = run_demo(work / f"demo-{name}", DemoConfig(policy=LEGACY, precision=name, compare_with=None))
         results[name] = {"tissue probe voxel mean Dice": probe[f"model ({session.encoder.model_id})"]["voxel"]["mean"],
                          "few-shot lobe mean Dice": float(np.mean(list(demo.dice.values()))),
                          "demo features s": demo.seconds["features"]}

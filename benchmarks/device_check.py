@@ -200,7 +200,7 @@ def pretraining_row(name: str, overrides: tuple[str, ...], shards: Path, output:
     print(f"  {name}: {result}", flush=True)
     return Row("pretraining", f"{name}: {config.model.embed_dim}x{config.model.depth}, batch {batch}, "
                               f"{config.data.num_workers} workers", result,
-               {"steps_per_s": rate, "batch": batch, "data_wait": float(np.mean(waits))})
+               {"steps_per_s": rate, "batch": batch, "data_wait_fraction": float(np.mean(waits))})
 
 
 def demo_row(device: torch.device, output: Path, smoke: bool) -> Row:

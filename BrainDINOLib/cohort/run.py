@@ -47,18 +47,19 @@ PROGRESS_INTERVAL_S = 0.5  # how often rank 0 reads the journals for progress
 PR_SET_PDEATHSIG = 1  # prctl option: a signal for this process when its parent dies (<linux/prctl.h>)
 
 
-def cohort_identity(checkpoint: Checkpoint, policy: ResolutionPolicy, layers: Sequence[int] | None = None,
-                    preprocessing: PreprocessConfig | None = None) -> StoreIdentity:
-    """The identity of a store filled with `checkpoint`'s model (no model is built): `layers` None keeps the
-    blocks segmentation reads, `preprocessing` None the model's own. Blocks and resolution are checked against
-    the model here, once, rather than failing volume after volume."""
+def cohort_identity(checkpoint: Checkpoint, precision: str, policy: ResolutionPolicy,
+                    layers: Sequence[int] | None = None, preprocessing: PreprocessConfig | None = None) -> StoreIdentity:
+    """The identity of a store filled with `checkpoint`'s model at `precision` (resolved: "int8", not "auto"; no
+    model is built): `layers` None keeps the blocks segmentation reads, `preprocessing` None the model's own.
+    Blocks and resolution are checked against the model here, once, rather than failing volume after volume."""
     depth = checkpoint.architecture.depth
     layers = segmentation_layers(depth) if layers is None else tuple(sorted(set(layers)))
     if any(not 0 <= i < depth for i in layers):
         raise BrainDINOError(f"layers {','.join(map(str, layers))}",
                              f"out of range for {checkpoint.model_id}, a {depth}-block model (use 0 to {depth - 1})")
     check_resolution(policy, checkpoint.architecture.patch_size)
-    return StoreIdentity(checkpoint.model_id, preprocessing or default_preprocessing(checkpoint), policy, layers)
+    return StoreIdentity(checkpoint.model_id, precision, preprocessing or default_preprocessing(checkpoint), policy,
+                         layers)
 
 
 @dataclass
@@ -277,7 +278,8 @@ def embed_cohort(cohort: Cohort, store_root: str | Path, session: FeatureSession
     """
     started = time.perf_counter()
     distributed = distributed or Distributed(0, 1, 0, session.encoder.device)
-    identity = cohort_identity(session.encoder.checkpoint, session.policy, layers, session.preprocessing)
+    identity = cohort_identity(session.encoder.checkpoint, session.encoder.precision, session.policy, layers,
+                               session.preprocessing)
     plan = plan_run(store_root, cohort, identity) if distributed.is_main else None
     pending: list[str] = distributed.broadcast(plan.pending if plan else None)
     store = plan.store if plan else FeatureStore.open_for_writing(store_root, identity)

@@ -48,30 +48,33 @@ STORE_VERSION = 1
 
 @dataclass(frozen=True)
 class StoreIdentity:
-    """What fixes every feature file of a store: the model (name + file hash), its preprocessing, the
-    resolution policy and the encoder blocks kept besides the final tokens."""
+    """What fixes every feature file of a store: the model (name + file hash), the precision it ran at, its
+    preprocessing, the resolution policy and the encoder blocks kept besides the final tokens."""
 
     model_id: str
+    precision: str
     preprocessing: PreprocessConfig
     policy: ResolutionPolicy
     layers: tuple[int, ...]
 
     @classmethod
     def of_session(cls, session: FeatureSession, layers: Sequence[int]) -> StoreIdentity:
-        return cls(session.encoder.model_id, session.preprocessing, session.policy, tuple(sorted(set(layers))))
+        return cls(session.encoder.model_id, session.encoder.precision, session.preprocessing, session.policy,
+                   tuple(sorted(set(layers))))
 
     def to_dict(self) -> dict:
-        return {"model_id": self.model_id, "preprocessing": self.preprocessing.to_dict(),
+        return {"model_id": self.model_id, "precision": self.precision, "preprocessing": self.preprocessing.to_dict(),
                 "policy": self.policy.to_dict(), "layers": list(self.layers)}
 
     @classmethod
     def from_dict(cls, data: dict) -> StoreIdentity:
-        return cls(data["model_id"], PreprocessConfig.from_dict(data["preprocessing"]),
+        return cls(data["model_id"], data["precision"], PreprocessConfig.from_dict(data["preprocessing"]),
                    ResolutionPolicy.from_dict(data["policy"]), tuple(data["layers"]))
 
-    def mismatch(self, wanted: StoreIdentity, layers_at_least: bool = False) -> str:
-        """Why features of this identity cannot serve `wanted` ("" if they can). Blocks must be the same, or with
-        `layers_at_least` include the wanted ones."""
+    def mismatch(self, wanted: StoreIdentity, reading: bool = False) -> str:
+        """Why features of this identity cannot serve `wanted` ("" if they can). Filling a store needs the same
+        blocks and precision (its files stay alike); `reading` needs at least the wanted blocks, at any precision
+        (features of two precisions of one model are close, as heads accept them)."""
         if self.model_id != wanted.model_id:
             return (f"was made with the model {self.model_id}, not {wanted.model_id}; pass the store's model with "
                     "--model, or use another store")
@@ -81,8 +84,11 @@ class StoreIdentity:
         if self.policy != wanted.policy:
             return (f"was made at another resolution ({self.policy.describe()}; this command asks for "
                     f"{wanted.policy.describe()}); leave the resolution options out to use the store's")
+        if not reading and self.precision != wanted.precision:
+            return (f"was made at {self.precision} precision, not {wanted.precision}; pass --precision "
+                    f"{self.precision}, or use another store")
         missing = sorted(set(wanted.layers) - set(self.layers))
-        if missing or (not layers_at_least and set(wanted.layers) != set(self.layers)):
+        if missing or (not reading and set(wanted.layers) != set(self.layers)):
             held = ",".join(map(str, self.layers)) or "none"
             asked = ",".join(map(str, wanted.layers)) or "none"
             return f"holds encoder blocks {held}, not {asked}; embed the cohort again into another store"
@@ -290,7 +296,7 @@ class FeatureStore:
     def check_serves(self, session: FeatureSession, layers: Sequence[int]) -> None:
         """Raise unless this store holds features of `session`'s model, preprocessing and resolution, with at
         least the blocks `layers`."""
-        problem = self.identity.mismatch(StoreIdentity.of_session(session, layers), layers_at_least=True)
+        problem = self.identity.mismatch(StoreIdentity.of_session(session, layers), reading=True)
         if problem:
             raise BrainDINOError(self.root, problem)
 

@@ -105,10 +105,13 @@ def _launch(args: argparse.Namespace, cohort) -> int:
     from ..cohort import FeatureStore, cohort_identity, plan_run
     from ..cohort.run import summarise
     from ..encoder import select_device
+    from ..inference import resolve_precision
 
     started = time.perf_counter()
     checkpoint = read_checkpoint(args.model)
-    identity = cohort_identity(checkpoint, policy_from_args(args, select_device(args.device).type), args.layers)
+    device = select_device(args.device)
+    policy = policy_from_args(args, device.type)
+    identity = cohort_identity(checkpoint, resolve_precision(args.precision, device), policy, args.layers)
     plan = plan_run(args.out, cohort, identity)
     if plan.pending:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone",

@@ -90,7 +90,7 @@ def add_model_options(parser: argparse.ArgumentParser, cache: bool = True) -> No
     resolution = parser.add_argument_group("resolution (default: by device, printed at the start)")
     resolution.add_argument("--resolution", choices=RESOLUTION_PRESETS, default=None,
                             help="named setting: cpu (6 mm), mps (4 mm), cuda or fine (3 mm), legacy (224 px, every "
-                                 "slice, bilinear: the behaviour before version 0.2)")
+                                 "slice, bilinear: the old default)")
     size = resolution.add_mutually_exclusive_group()
     size.add_argument("--patch-mm", type=float_between(0.1, 100.0), default=None, metavar="MM",
                       help="in-plane size of one patch in mm; the model input size follows from the head's size")

@@ -22,6 +22,7 @@ class ServeConfig:
     token: str | None = None
     model: str = "demo"
     device: str | None = None
+    precision: str = "auto"  # inference.py
     policy: Callable[[str], object] | None = None
     use_cache: bool = True
     cache_dir: Path | None = None

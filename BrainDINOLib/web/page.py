@@ -44,7 +44,7 @@ def rss_mib() -> int:
 
 
 def open_model(logic, source: str, device: str | None, policy_for: Callable[[str], object],
-                batch_size: int | None) -> None:
+               batch_size: int | None, precision: str = "auto") -> None:
     """Load `source` into the Logic with the resolution `policy_for(device type)` and `serve --batch-size`.
 
     A web-side adapter: the Logic's `load_model` takes one fixed policy (or the device's default), but the page's
@@ -52,7 +52,7 @@ def open_model(logic, source: str, device: str | None, policy_for: Callable[[str
     so the Logic loads the encoder and its session is re-made on that encoder with the page's policy."""
     from ..session import FeatureSession
 
-    encoder = logic.load_model(source, device or "auto")
+    encoder = logic.load_model(source, device or "auto", precision=precision)
     logic.session = FeatureSession.for_encoder(encoder, policy_for(encoder.device.type), logic.session.cache,
                                                batch_size)
 
@@ -216,7 +216,8 @@ class BrainDINOPage:
 
         def work(progress, cancel):
             if self._model_key != (source, resolution):
-                open_model(self.logic, source, self.config.device, self._policy, self.config.batch_size)
+                open_model(self.logic, source, self.config.device, self._policy, self.config.batch_size,
+                           self.config.precision)
                 self._model_key = (source, resolution)
             return then(self.logic.features(volume, layers_for(), progress, cancel), progress, cancel)
 

@@ -62,7 +62,7 @@ def quiet_vtk() -> None:
     vtkOutputWindow.GetInstance().SetDisplayModeToNever()  # errors still reach vtkLogger
 
 
-def serve(config: ServeConfig, announce: Callable[[str], None] = print) -> int:
+def serve(config: ServeConfig, announce: Callable[[str], None]) -> int:
     """Build the page and serve it until interrupted; `announce` gets one line with the address once it listens."""
     started = time.perf_counter()
     quiet_vtk()
