@@ -15,6 +15,8 @@ from conftest import REPO
 
 BENCHMARKS = sorted(path for path in (REPO / "benchmarks").glob("*.py") if not path.name.startswith("_"))
 FIGURE = re.compile(r"\d+(\.\d+)?\s*(s|ms|x|%|GFLOP/s|slices/s|steps/s)\b")
+PHRASES = {"cohort": ("volumes/min", "resume", "8-GPU node"),  # what each script's report must name
+           "pretrain_data": ("crops/s", "CPU cores", "data")}
 
 
 def test_benchmarks_are_found():
@@ -30,3 +32,4 @@ def test_benchmark_smoke_mode_runs_and_prints_figures(script, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     figures = [line for line in result.stdout.splitlines() if FIGURE.search(line)]
     assert len(figures) >= 3, result.stdout
+    assert all(phrase in result.stdout for phrase in PHRASES.get(script.stem, ())), result.stdout

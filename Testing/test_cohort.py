@@ -249,16 +249,6 @@ def test_the_launcher_hands_torchrun_the_same_command_line():
     assert again.layers == () and again.nproc_per_node == 1 and not again.strict
 
 
-@pytest.mark.slow
-def test_the_cohort_benchmark_runs_in_smoke_mode(tmp_path):
-    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "cohort.py"), "--smoke"], cwd=tmp_path,
-                            env={**environment(), "TMPDIR": str(tmp_path)}, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    assert "volumes/min" in result.stdout and "resume" in result.stdout and "8-GPU node" in result.stdout, \
-        result.stdout
-
-
 def test_a_store_is_filled_at_one_precision_and_read_at_any():
     """Resuming at another precision would mix int8 and fp32 files in one store; heads read either."""
     fp32 = StoreIdentity("model-1", "fp32", PreprocessConfig(), ResolutionPolicy(patch_mm=6.0), (0, 1))
