@@ -166,7 +166,7 @@ def run_demo(out: str | Path, config: DemoConfig = DemoConfig(), cache: FeatureC
                   OverlayStyle("labels", alpha=0.5, names={k: v for k, v in lobe_names.items() if k})),
         ]
         if config.compare_with is not None:
-            panels.insert(1, Panel(f"the same at the old resolution: {config.compare_with.describe()}", old_pca,
+            panels.insert(2, Panel(f"the same at the old resolution: {config.compare_with.describe()}", old_pca,
                                    OverlayStyle("rgb", alpha=0.8), head))
         title = f"BrainDINO demo: {session.describe()}"
         result.outputs["report picture"] = save_report(volume, panels, out / "report.png", config.point.lps, title)
