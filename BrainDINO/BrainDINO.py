@@ -205,7 +205,8 @@ def installTorch(torchSpecifier, torchvisionSpecifier):
         raise engineLogic().BrainDINOError(
             "PyTorch extension", "is not installed: install it from the Extensions Manager and restart Slicer")
     torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
-        askConfirmation=False, torchVersionRequirement=torchSpecifier, torchvisionVersionRequirement=torchvisionSpecifier)
+        askConfirmation=False, torchVersionRequirement=torchSpecifier,
+        torchvisionVersionRequirement=torchvisionSpecifier)
     return torch is not None
 
 
@@ -683,7 +684,8 @@ class BrainDINOWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         outcome = "cancelled" if self.fitRun.process.cancelled else f"failed (exit code {code})"
         self.ui.statusLabel.text = f"Fitting {self.fitRequest.task}: {outcome}."
-        self.ui.fitReportBrowser.setHtml(f"<p><b>The fit {outcome}.</b></p><pre>{escape(chr(10).join(lines[-20:]))}</pre>")
+        tail = escape(chr(10).join(lines[-20:]))
+        self.ui.fitReportBrowser.setHtml(f"<p><b>The fit {outcome}.</b></p><pre>{tail}</pre>")
 
     def onSaveHead(self) -> None:
         with slicer.util.tryWithErrorDisplay("Saving the head failed."):

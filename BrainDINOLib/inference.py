@@ -4,10 +4,11 @@ Precisions (`--precision` in the CLI, `load_encoder(..., precision=)` in Python)
 
 - ``fp32``: the timm backbone exactly as loaded.
 - ``int8`` (CPU): every `nn.Linear` of a copy of the backbone quantised dynamically (weights int8 per output
-  channel once, activations int8 on the fly, one slice at a time so that a slice's tokens never depend on its batch; PyTorch's fbgemm/x86 kernels). On an AVX2 CPU the
-  linear layers, about 80 % of a ViT-B's time at 224 px, ran about 1.8x faster: 1.6x for the whole model at
-  224 px, 1.24x at 640 px, where attention (untouched, fp32) takes a larger share. Patch tokens keep a mean
-  cosine similarity above 0.999 to fp32 (`benchmarks/cpu_inference.py`).
+  channel once, activations int8 on the fly, one slice at a time so that a slice's tokens never depend on its
+  batch; PyTorch's fbgemm/x86 kernels). On an AVX2 CPU the linear layers, about 80 % of a ViT-B's time at
+  224 px, ran about 1.8x faster: 1.6x for the whole model at 224 px, 1.24x at 640 px, where attention
+  (untouched, fp32) takes a larger share. Patch tokens keep a mean cosine similarity above 0.999 to fp32
+  (`benchmarks/cpu_inference.py`).
 - ``bf16``: bf16 autocast. The default on CUDA; allowed on a CPU, where it only pays with AMX or AVX512-BF16
   (on an AVX2 CPU it was far slower than fp32).
 - ``auto``: bf16 on CUDA, int8 on an x86-64 CPU, fp32 elsewhere (Apple MPS; ARM CPUs, where the int8 path

@@ -471,7 +471,8 @@ class BrainDINOLogic:
 
         row = {"subject": subject_name, "head": head_name, **flatten(prediction)}
         rows = [] if table_node is None else [
-            r for r in mrml.rows_from_table(table_node) if (r.get("subject"), r.get("head")) != (subject_name, head_name)]
+            r for r in mrml.rows_from_table(table_node)
+            if (r.get("subject"), r.get("head")) != (subject_name, head_name)]
         return mrml.table_from_rows([*rows, row], scene=self.scene, name="BrainDINO predictions", node=table_node)
 
     # ---- child processes ---------------------------------------------------------------------------------------

@@ -426,7 +426,8 @@ def read_label_volume(path: str | Path) -> Volume:
     path = Path(path)
     volume = Volume.from_image(_to_3d(_read_image(path), path, 0), source=str(path))
     array = volume.array
-    if not np.issubdtype(array.dtype, np.integer) and (not np.isfinite(array).all() or (array != np.round(array)).any()):
+    whole = np.issubdtype(array.dtype, np.integer)
+    if not whole and (not np.isfinite(array).all() or (array != np.round(array)).any()):
         raise BrainDINOError(path, "is not a label volume (its values are not whole numbers)")
     return volume.with_array(array.astype(np.int64))
 

@@ -70,7 +70,8 @@ def main() -> None:
     features = embed_volume(volume, encoder, policy=fixed_size(size))
     engine_s = time.perf_counter() - start
 
-    for name, slices, seconds in (("naive loop", naive_slices, naive_s), ("embed_volume", features.num_slices, engine_s)):
+    runs = (("naive loop", naive_slices, naive_s), ("embed_volume", features.num_slices, engine_s))
+    for name, slices, seconds in runs:
         achieved = slices * flops / seconds / 1e9
         print(f"{name:13s} {slices:4d} slices in {seconds:6.2f} s = {slices / seconds:6.2f} slices/s, "
               f"{achieved:6.1f} GFLOP/s = {achieved / peak:5.1%} of the fp32 matmul peak")

@@ -60,7 +60,8 @@ def main() -> None:
                                   args.work / f"width{architecture.embed_dim}.safetensors", dtype=torch.float32)
     volume = read_volume(COLIN27_T1)
     features = embed_volume(volume, load_encoder(checkpoint, device="cpu"), policy=policy)
-    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}; features: {features.num_slices} slices x {features.grid} patches "
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}; "
+          f"features: {features.num_slices} slices x {features.grid} patches "
           f"x {features.patches.shape[-1]} dims; volume {volume.shape}")
 
     start = time.perf_counter()

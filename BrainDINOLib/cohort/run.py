@@ -48,7 +48,8 @@ PR_SET_PDEATHSIG = 1  # prctl option: a signal for this process when its parent 
 
 
 def cohort_identity(checkpoint: Checkpoint, precision: str, policy: ResolutionPolicy,
-                    layers: Sequence[int] | None = None, preprocessing: PreprocessConfig | None = None) -> StoreIdentity:
+                    layers: Sequence[int] | None = None,
+                    preprocessing: PreprocessConfig | None = None) -> StoreIdentity:
     """The identity of a store filled with `checkpoint`'s model at `precision` (resolved: "int8", not "auto"; no
     model is built): `layers` None keeps the blocks segmentation reads, `preprocessing` None the model's own.
     Blocks and resolution are checked against the model here, once, rather than failing volume after volume."""

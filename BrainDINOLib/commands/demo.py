@@ -45,8 +45,8 @@ def register(commands: argparse._SubParsersAction) -> None:
                                description="Run the BrainDINO tour on the bundled Colin27 T1: features, PCA map, "
                                            "similarity to the left putamen, k-means clusters and a few-shot lobe "
                                            "segmentation from a handful of labelled slices; writes the volumes "
-                                           "and one report picture, and prints how long each step took. Runs on the CPU unless "
-                                           "--device is given.")
+                                           "and one report picture, and prints how long each step took. Runs "
+                                           "on the CPU unless --device is given.")
     demo.add_argument("--out", type=Path, required=True, help="output folder")
     demo.add_argument("--clusters", type=int_between(1, 255), default=8, help="k-means regions (default 8)")
     demo.add_argument("--labelled-slices", type=int_between(1), default=5,

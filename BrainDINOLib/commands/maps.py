@@ -160,7 +160,8 @@ def _map_parser(commands: argparse._SubParsersAction, name: str, help_text: str,
 
 def register(commands: argparse._SubParsersAction) -> None:
     pca = _map_parser(commands, "pca", "PCA of the patch features as an RGB volume", "RGB volume (uint8 x 3)")
-    pca.add_argument("--components", type=int_between(1, 64), default=3, help="principal components to keep (default 3)")
+    pca.add_argument("--components", type=int_between(1, 64), default=3,
+                     help="principal components to keep (default 3)")
     pca.add_argument("--components-out", type=output_path, default=None,
                      help="also write the first --components components as a float vector volume")
     pca.add_argument("--keep-background", action="store_true",

@@ -23,7 +23,8 @@ def run_serve(args: argparse.Namespace) -> int:
     if importlib.util.find_spec("trame_slicer") is None:
         raise BrainDINOError("braindino serve", "needs the web extra: pip install 'braindino[web]'")
     config = ServeConfig(data=data.root, out=args.out, host=args.host, port=args.port, token=token, model=args.model,
-                         device=args.device, precision=args.precision, policy=lambda device_type: policy_from_args(args, device_type),
+                         device=args.device, precision=args.precision,
+                         policy=lambda device_type: policy_from_args(args, device_type),
                          use_cache=not args.no_cache, cache_dir=args.cache_dir, batch_size=args.batch_size,
                          volume=args.volume)
     from ..web.server import serve

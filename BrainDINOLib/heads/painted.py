@@ -74,8 +74,9 @@ def learn_from_painted(session: FeatureSession, volume: Volume, painted: Painted
         raise BrainDINOError(painted.labels.source or "labels", f"grid {painted.labels.shape} is not the grid "
                                                                 f"{volume.shape} of {volume.source or 'the volume'}")
     if painted.labels.geometry != volume.geometry:
-        raise BrainDINOError(painted.labels.source or "labels", f"are not on the grid of {volume.source or 'the volume'}"
-                                                                " (spacing, origin or direction differ)")
+        raise BrainDINOError(painted.labels.source or "labels",
+                             f"are not on the grid of {volume.source or 'the volume'} (spacing, origin or direction "
+                             "differ)")
     layers = session.segmentation_layers
     features = session.features(volume, layers, progress=progress, cancel=cancel)
     names = ["background", *painted.class_names]  # in label-value order, as the classes

@@ -62,7 +62,8 @@ def choose_slices(covered: range, labels: np.ndarray, count: int = 40, train_eve
     brain_area = np.array([(labels[k] > 0).sum() for k in candidates])
     candidates = candidates[brain_area >= 0.2 * brain_area.max()]
     chosen = candidates[np.linspace(0, len(candidates) - 1, count).round().astype(int)]
-    return ProbeSplit([int(k) for k in chosen[::train_every]], [int(k) for i, k in enumerate(chosen) if i % train_every])
+    return ProbeSplit([int(k) for k in chosen[::train_every]],
+                      [int(k) for i, k in enumerate(chosen) if i % train_every])
 
 
 def raw_patch_features(stack: SliceStack, patch: int) -> Tensor:
