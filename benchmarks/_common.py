@@ -82,12 +82,6 @@ def patch_cosine(tokens: Tensor, reference: Tensor) -> tuple[float, float]:
     return float(cosine.mean()), float(torch.quantile(cosine, 0.01))
 
 
-def segmentation_layers(depth: int, count: int = 4) -> tuple[int, ...]:
-    """The blocks segmentation heads read: `count` evenly spaced ones ending with the last ([2, 5, 8, 11] for a
-    12-block ViT, as the BrainDINO segmentation work used)."""
-    return tuple(sorted({max(0, (depth * (i + 1)) // count - 1) for i in range(count)}))
-
-
 def write_json(path: Path | None, data: object) -> None:
     if path is not None:
         write_text_atomic(path, json.dumps(data, indent=1) + "\n")

@@ -40,10 +40,11 @@ import torch._inductor.config
 from torch import Tensor, nn
 
 from _common import (TINY, VIT_B16, VIT_S16, colin27_slices, gflops, interleaved_medians, machine_line,
-                     matmul_gflops, patch_cosine, random_checkpoint, segmentation_layers, write_json)
+                     matmul_gflops, patch_cosine, random_checkpoint, write_json)
 from BrainDINOLib import read_volume
 from BrainDINOLib.atlas import MNI152_GM, MNI152_T1, MNI152_WM
 from BrainDINOLib.checkpoints import load_backbone, read_checkpoint
+from BrainDINOLib.session import FeatureSession, segmentation_layers
 from BrainDINOLib.embedding import auto_batch_size
 from BrainDINOLib.encoder import Encoder, Tokens
 from BrainDINOLib.inference import quantize_linears
@@ -189,7 +190,6 @@ def print_rows(rows: list[dict]) -> None:
 def task_fidelity(precision_name: str, work: Path) -> dict[str, dict[str, float]]:
     """The demo model's tissue voxel probe mean Dice and demo few-shot lobe Dice, fp32 against `precision_name`."""
     from BrainDINOLib.demo import DemoConfig, run_demo
-    from BrainDINOLib.session import FeatureSession
     from BrainDINOLib.training.probe import tissue_probe
     from BrainDINOLib.resolution import LEGACY
     from BrainDINOLib.tissue import tissue_classes

@@ -38,10 +38,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from _common import (TINY, VIT_B16, VIT_S16, colin27_slices, fixed_size, machine_line, matmul_gflops, patch_cosine,
-                     random_checkpoint, segmentation_layers, write_json)
+                     random_checkpoint, write_json)
 from BrainDINOLib import embed_volume, read_volume
 from BrainDINOLib.atlas import COLIN27_T1, MNI152_T1
 from BrainDINOLib.checkpoints import load_backbone, read_checkpoint
+from BrainDINOLib.session import segmentation_layers
 from BrainDINOLib.encoder import Encoder, autocast_for
 from BrainDINOLib.threads import torch_threads
 

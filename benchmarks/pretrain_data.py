@@ -36,6 +36,7 @@ from monai.transforms import (Compose, RandAdjustContrast, RandBiasField, RandGa
 from monai.utils import convert_to_tensor
 from torch.utils.flop_counter import FlopCounterMode
 
+from _common import timed
 from BrainDINOLib.atlas import COLIN27_T1
 from BrainDINOLib.training import SliceShards, load_config, prepare_slices
 from BrainDINOLib.training.augment import MultiCrop
@@ -93,12 +94,6 @@ class BaselineMultiCrop:
         views = [self(batches.shards[int(i)], generator) for i in indices]
         return StepBatch(torch.stack([v[0] for v in views], dim=1).flatten(0, 1),
                          torch.stack([v[1] for v in views], dim=1).flatten(0, 1), batches._masks(generator), indices)
-
-
-def timed(function) -> float:
-    started = time.perf_counter()
-    function()
-    return time.perf_counter() - started
 
 
 def crop_rates(shards: SliceShards, crops: CropConfig, slices: int, repeats: int) -> dict[str, float]:
