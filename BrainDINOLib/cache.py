@@ -69,6 +69,7 @@ class FeatureCache:
 
     def __init__(self, root: str | Path | None = None):
         self.root = Path(root) if root else default_cache_dir()
+        self._swept = False  # stale temporary files are looked for once per cache object, not on every write
 
     def folder_for(self, key: str) -> Path:
         return self.root / key[:2] / key
@@ -105,7 +106,9 @@ class FeatureCache:
 
     def put(self, key: str, features: VolumeFeatures) -> Path | None:
         """Store `features`; a cache that cannot be written (full disk, read-only) is a warning, not a failure."""
-        remove_stale_temp_files(self.root)  # what writers killed mid-write left behind
+        if not self._swept:  # what writers killed mid-write left behind (a walk of the whole cache)
+            remove_stale_temp_files(self.root)
+            self._swept = True
         try:
             return features.save(self.path_for(key, features.policy, tuple(features.layers)))
         except BrainDINOError as error:
