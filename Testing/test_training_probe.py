@@ -10,6 +10,7 @@ import torch
 
 from BrainDINOLib import read_volume
 from BrainDINOLib.atlas import MNI152_GM, MNI152_T1, MNI152_WM
+from BrainDINOLib.features import VoxelMapping
 from BrainDINOLib.resolution import LEGACY, ResolutionPolicy
 from BrainDINOLib.session import FeatureSession
 from BrainDINOLib.training.probe import (choose_slices, patch_majority_labels, patch_probe_dice, tissue_probe,
@@ -25,20 +26,21 @@ def mni152():
 @pytest.mark.parametrize("policy", [LEGACY, ResolutionPolicy(patch_mm=6.0)], ids=["legacy", "6mm guided"])
 def test_probes_on_features_that_are_the_answer(mni152, policy):
     t1, labels = mni152
-    features = FeatureSession.open("demo", "cpu", policy).features(t1)  # for the geometry: the answer replaces them
-    split = choose_slices(features.covered, labels)
+    stack = FeatureSession.open("demo", "cpu", policy).slice_stack(t1)  # the geometry only: no encoder runs
+    mapping = VoxelMapping(stack.geometry, stack.guide, policy.upsampling, t1.geometry, t1.stored, t1.source)
+    split = choose_slices(mapping.covered, labels)
     assert (len(split.train), len(split.test)) == (10, 30) and not set(split.train) & set(split.test)
 
     def answer(slices):  # one-hot of each cell's majority tissue, plus a little noise
-        onehot = np.eye(4, dtype=np.float32)[patch_majority_labels(features.slices, labels, slices)]
+        onehot = np.eye(4, dtype=np.float32)[patch_majority_labels(mapping.slices, labels, slices)]
         return torch.from_numpy(onehot + np.random.default_rng(0).normal(0, 0.01, onehot.shape).astype(np.float32))
 
     train, test = answer(split.train), answer(split.test)
-    assert patch_probe_dice(train, test, features.slices, labels, split)["mean"] == pytest.approx(1.0)
+    assert patch_probe_dice(train, test, mapping.slices, labels, split)["mean"] == pytest.approx(1.0)
     # Voxel Dice of patch-level knowledge is capped by the patches: grey and white matter well above chance,
     # the thin CSF spaces below 1. Guided by the image, 6-mm cells get far closer to the voxels than 16-mm
     # ones upsampled bilinearly.
-    voxel = voxel_probe_dice(train, test, features.mapping, labels, split)
+    voxel = voxel_probe_dice(train, test, mapping, labels, split)
     print(policy.describe(), voxel)
     assert voxel["grey matter"] > 0.7 and voxel["white matter"] > 0.65
     assert voxel["CSF"] < 0.5 if policy == LEGACY else voxel["mean"] > 0.8
