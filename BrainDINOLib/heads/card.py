@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from ..errors import BrainDINOError
-
-Task = Literal["segmentation", "classification", "regression", "survival", "knn"]
-TASKS: tuple[str, ...] = ("segmentation", "classification", "regression", "survival", "knn")
+from .tasks import TASKS
 
 # Distinct colours for label maps (0 = background is never drawn); cycled past the end.
 PALETTE: tuple[tuple[int, int, int], ...] = (
@@ -76,8 +74,8 @@ class HeadCard:
     when it was fitted.
     """
 
-    task: str
-    kind: str  # which head module: e.g. "linear", "decoder", "subject-mlp", "knn"
+    task: str  # one of tasks.TASKS
+    kind: str  # which head module (registry.py): e.g. "linear", "decoder", "subject-mlp", "knn"
     encoder_id: str
     classes: list[ClassInfo] = field(default_factory=list)
     layers: tuple[int, ...] = ()  # encoder blocks whose patch tokens it reads (empty: the final output)
