@@ -5,6 +5,7 @@ import argparse
 import time
 from pathlib import Path
 
+from ..heads.tasks import SEGMENTATION_KINDS
 from .common import add_model_options, declare_files, open_session, tqdm_progress
 from .heads import head_path
 from .maps import output_path, png_path
@@ -64,7 +65,7 @@ def register(commands: argparse._SubParsersAction) -> None:
                                                                        "the class names beside it")
     parser.add_argument("--png", type=png_path, default=None, help="also write a PNG montage")
     parser.add_argument("--head", type=head_path, default=None, help="also save the fitted head (.safetensors)")
-    parser.add_argument("--kind", default="mlp", choices=("mlp", "linear", "decoder"), help="head (default mlp)")
+    parser.add_argument("--kind", default="mlp", choices=SEGMENTATION_KINDS, help="head (default mlp)")
     parser.add_argument("--cleanup", action="store_true", help="keep each label's largest connected component")
     add_model_options(parser)
     parser.set_defaults(run=run_few_shot)

@@ -74,8 +74,8 @@ class HeadCard:
     when it was fitted.
     """
 
-    task: str  # one of tasks.TASKS
-    kind: str  # which head module (registry.py): e.g. "linear", "decoder", "subject-mlp", "knn"
+    task: str
+    kind: str  # which head module: e.g. "linear", "decoder", "subject-mlp", "knn"
     encoder_id: str
     classes: list[ClassInfo] = field(default_factory=list)
     layers: tuple[int, ...] = ()  # encoder blocks whose patch tokens it reads (empty: the final output)
