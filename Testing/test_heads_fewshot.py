@@ -14,8 +14,8 @@ import pytest
 
 from BrainDINOLib import BrainDINOError, embed_volume
 from BrainDINOLib.heads import few_shot_segment, load_head, save_head, segment
-from BrainDINOLib.heads.head import module_state_equal
 from BrainDINOLib.heads.metrics import dice_per_class
+from BrainDINOLib.heads.storage import module_state_equal
 from BrainDINOLib.resolution import ResolutionPolicy
 from BrainDINOLib.synthetic import CaseConfig, generate_case
 from BrainDINOLib.tissue import CLASS_NAMES as TISSUE_CLASSES
@@ -83,12 +83,12 @@ def test_few_shot_rejects_bad_labels(tissue_case):
 
 def test_decoder_head_learns_on_a_finer_grid_and_reloads(tissue_case, tmp_path):
     """The decoder predicts on a 4x finer grid than the patches, which is what lets it find thin CSF."""
-    from BrainDINOLib.heads import TrainConfig
+    from BrainDINOLib.heads import HeadTrainingConfig
     features, labels, brain = tissue_case
     labelled = [brain[int(len(brain) * (i + 0.5) / 5)] for i in range(5)]
     with torch_threads(1):
         result = few_shot_segment(features, labels, labelled, kind="decoder", class_names=TISSUE_CLASSES,
-                                  config=TrainConfig(max_epochs=150, learning_rate=1e-2, batch_size=0))
+                                  config=HeadTrainingConfig(max_epochs=150, learning_rate=1e-2, batch_size=0))
         reloaded = load_head(save_head(result.head, tmp_path / "decoder.safetensors"))
         again = segment(reloaded, features)
     held_out = [k for k in brain if k not in labelled]

@@ -10,7 +10,7 @@ no lesion: oedema Dice 0.005 (decoder) and 0.0 (linear).
 from __future__ import annotations
 
 from BrainDINOLib import FeatureCache
-from BrainDINOLib.heads import FitConfig, Manifest, TrainConfig, evaluate, fit_head
+from BrainDINOLib.heads import FitConfig, HeadTrainingConfig, Manifest, evaluate, fit_head
 from BrainDINOLib.threads import torch_threads
 from BrainDINOLib.resolution import ResolutionPolicy
 from heads_helpers import heads_session, make_cohort
@@ -20,7 +20,7 @@ def test_decoder_head_finds_lesions_from_four_cases(tmp_path, fixture_encoder):
     manifest = Manifest.read(make_cohort(tmp_path, "lesion", 4, 2))
     cache = FeatureCache(tmp_path / "features")
     config = FitConfig(task="segmentation", kind="decoder", layers=(0, 1, 2), val_fraction=0.0,
-                       class_names=["background", "oedema", "core"], training=TrainConfig(max_epochs=40))
+                       class_names=["background", "oedema", "core"], training=HeadTrainingConfig(max_epochs=40))
     session = heads_session(fixture_encoder, cache, ResolutionPolicy(patch_mm=16.0, slice_step_mm=0.0))
     with torch_threads(1):
         head = fit_head(manifest, session, config).head

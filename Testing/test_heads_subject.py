@@ -15,10 +15,9 @@ import numpy as np
 import pytest
 
 from BrainDINOLib import BrainDINOError, FeatureCache
-from BrainDINOLib.heads import (FitConfig, Manifest, TrainConfig, evaluate, fit_head, load_head, predict_subject,
-                                save_head, write_report)
-from BrainDINOLib.heads.fitting import FeatureSource
-from BrainDINOLib.heads.head import module_state_equal
+from BrainDINOLib.heads import (FeatureSource, FitConfig, HeadTrainingConfig, Manifest, evaluate, fit_head, load_head,
+                                predict_subject, save_head, write_report)
+from BrainDINOLib.heads.storage import module_state_equal
 from BrainDINOLib.synthetic import SEQUENCES
 from BrainDINOLib.threads import torch_threads
 from heads_helpers import heads_session, make_cohort
@@ -40,7 +39,7 @@ def fit_and_test(manifest, encoder, cache, **options):
     """Fit on the training rows and evaluate on the test rows. With two dozen subjects, holding out a
     validation part for early stopping costs more than it saves: train all of them for 60 epochs."""
     options = {"val_fraction": 0.0, **options}
-    config = FitConfig(training=TrainConfig(max_epochs=60), **options)
+    config = FitConfig(training=HeadTrainingConfig(max_epochs=60), **options)
     session = heads_session(encoder, cache)
     with torch_threads(1):
         result = fit_head(Manifest.read(manifest), session, config)

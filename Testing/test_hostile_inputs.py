@@ -39,7 +39,7 @@ from BrainDINOLib.cli import build_parser, join_negative_values, main
 from BrainDINOLib.errors import BrainDINOError
 from BrainDINOLib.heads import Head, HeadCard, save_head
 from BrainDINOLib.heads.card import make_classes
-from BrainDINOLib.heads.head import HEAD_CARD_KEY
+from BrainDINOLib.heads.storage import HEAD_CARD_KEY
 from BrainDINOLib.heads.segmentation import make_segmentation_module
 from BrainDINOLib.heads.subject import SubjectHead
 from BrainDINOLib.slices import PreprocessConfig

@@ -145,7 +145,7 @@ def test_subject_head_prediction_lands_in_a_table(scene, logic, t1_node, feature
     import torch
     from BrainDINOLib.heads import Head, HeadCard, load_head, save_head
     from BrainDINOLib.heads.card import make_classes
-    from BrainDINOLib.heads.head import build_module
+    from BrainDINOLib.heads.storage import build_module
 
     torch.manual_seed(0)
     dim = features.cls.shape[1]

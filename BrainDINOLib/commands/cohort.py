@@ -13,8 +13,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from ..errors import BrainDINOError
-from .common import add_model_options, declare_files, int_between, parse_layers, policy_from_args, tqdm_progress
-from .heads import _comma_list
+from .common import (add_model_options, comma_list, declare_files, int_between, parse_layers, policy_from_args,
+                     tqdm_progress)
 
 PLAIN_PROGRESS_INTERVAL_S = 30.0  # a progress line at most this often when stderr is not a terminal
 
@@ -147,7 +147,7 @@ def register(commands: argparse._SubParsersAction) -> None:
                                                   "volumes (searched recursively)")
     cohort.add_argument("--out", required=True, type=Path,
                         help="store folder: new, or a store to complete (the same command resumes a killed run)")
-    cohort.add_argument("--image-columns", type=_comma_list, default=(),
+    cohort.add_argument("--image-columns", type=comma_list, default=(),
                         help="manifest image column(s) to embed (default: `image`, else every `image_*` column)")
     cohort.add_argument("--layers", type=parse_layers, default=None,
                         help="intermediate blocks to keep, e.g. 2,5,8,11 (default: the blocks segmentation reads; "

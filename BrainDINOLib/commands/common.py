@@ -66,6 +66,11 @@ def float_between(low: float, high: float) -> Callable[[str], float]:
     return parse
 
 
+def comma_list(text: str) -> tuple[str, ...]:
+    """An argparse type: comma-separated names (blanks dropped), e.g. manifest columns or sequences."""
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
 def parse_layers(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(x) for x in text.split(",") if x.strip())

@@ -5,24 +5,23 @@ import argparse
 import time
 from pathlib import Path
 
+from ..heads.tasks import SEGMENTATION_KINDS
 from .common import add_model_options, declare_files, open_session, tqdm_progress
 from .heads import head_path
 from .maps import output_path, png_path
 
 
 def run_few_shot(args: argparse.Namespace) -> int:
-    from ..errors import BrainDINOError
     from ..volume import read_label_volume, read_volume, write_volume
 
-    volume = read_volume(args.volume)  # bad inputs are refused before torch is imported
+    volume = read_volume(args.volume)  # unreadable inputs are refused before torch is imported
     labels = read_label_volume(args.labels)
-    if labels.shape != volume.shape or labels.geometry != volume.geometry:
-        raise BrainDINOError(args.labels, f"is not on the grid of {args.volume} (size {labels.geometry.size} vs "
-                                          f"{volume.geometry.size}, or spacing, origin or direction differ)")
     from ..atomic import write_text_atomic
     from ..heads import save_head
-    from ..heads.painted import find_label_table, learn_from_painted, painted_labels, read_label_table
+    from ..heads.painted import (check_painted_grid, find_label_table, learn_from_painted, painted_labels,
+                                 read_label_table)
 
+    check_painted_grid(labels, volume, source=args.labels)  # before the model is loaded
     table = args.names or find_label_table(args.labels)
     classes = read_label_table(table) if table else ()
     painted = painted_labels(labels, classes, source=args.labels)
@@ -66,7 +65,7 @@ def register(commands: argparse._SubParsersAction) -> None:
                                                                        "the class names beside it")
     parser.add_argument("--png", type=png_path, default=None, help="also write a PNG montage")
     parser.add_argument("--head", type=head_path, default=None, help="also save the fitted head (.safetensors)")
-    parser.add_argument("--kind", default="mlp", choices=("mlp", "linear", "decoder"), help="head (default mlp)")
+    parser.add_argument("--kind", default="mlp", choices=SEGMENTATION_KINDS, help="head (default mlp)")
     parser.add_argument("--cleanup", action="store_true", help="keep each label's largest connected component")
     add_model_options(parser)
     parser.set_defaults(run=run_few_shot)

@@ -4,13 +4,16 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import fields
 from pathlib import Path
 
 from ..errors import BrainDINOError
-from .common import (add_model_options, declare_files, float_between, int_between, open_session, parse_layers,
-                     tqdm_progress)
+from ..heads.config import FitConfig, HeadTrainingConfig
+from ..heads.tasks import SEGMENTATION, SEGMENTATION_KINDS, TASKS
+from .common import (add_model_options, comma_list, declare_files, float_between, int_between, open_session,
+                     parse_layers, tqdm_progress)
 
-TASK_CHOICES = ("segmentation", "classification", "regression", "survival", "knn")
+TRAINING = "training."  # options that set a field of `FitConfig.training` have the destination `training.<field>`
 REPORT_MARKERS = ("metrics.json", "fit_metrics.json")  # what makes a folder an earlier BrainDINO report
 
 
@@ -21,32 +24,28 @@ def head_path(text: str) -> Path:
     return Path(text)
 
 
-def _comma_list(text: str) -> tuple[str, ...]:
-    return tuple(x.strip() for x in text.split(",") if x.strip())
+def _fields_set(options: dict, config_class: type, prefix: str = "") -> dict:
+    """The fields of `config_class` that the command's options set: each option's destination is `<prefix><field>`
+    (its default read from the dataclass), so options and fields are matched by name, never by a table."""
+    return {f.name: options[prefix + f.name] for f in fields(config_class) if prefix + f.name in options}
 
 
-# Command-line option -> field of `TrainConfig` / `FitConfig` (an option a command lacks keeps the default).
-TRAINING_OPTIONS = {"epochs": "max_epochs", "lr": "learning_rate", "batch": "batch_size", "patience": "patience",
-                    "seed": "seed"}
-FIT_OPTIONS = ("kind", "pooling", "hidden", "layers", "image_columns", "label_column", "target_column",
-               "time_column", "event_column", "val_fraction", "folds", "label_fraction", "seed")
-
-
-def _fit_config(args: argparse.Namespace, task: str):
-    """A `FitConfig` from the options this command has: manifest columns, and fitting options for fit-head."""
-    from ..heads import FitConfig, TrainConfig
+def _fit_config(args: argparse.Namespace, task: str) -> FitConfig:
+    """A `FitConfig` from the options this command has: manifest columns, and fitting options for fit-head (a field
+    without an option keeps the dataclass default)."""
     from ..manifest import read_utf8
 
-    options = vars(args)
+    options = {name: value for name, value in vars(args).items() if name != "task"}
     class_names = None
     if options.get("classes"):
         if not args.classes.is_file():
             raise BrainDINOError(args.classes, "no such class-name file")
         class_names = [line.strip() for line in read_utf8(args.classes).splitlines() if line.strip()]
-    training = TrainConfig(**{field: options[option] for option, field in TRAINING_OPTIONS.items()
-                              if option in options})
-    return FitConfig(task=task, class_names=class_names, training=training,
-                     **{option: options[option] for option in FIT_OPTIONS if option in options})
+    training = _fields_set(options, HeadTrainingConfig, TRAINING)
+    if "seed" in options:  # one --seed seeds both the splits and the training
+        training["seed"] = options["seed"]
+    return FitConfig(**{**_fields_set(options, FitConfig), "task": task, "class_names": class_names,
+                        "training": HeadTrainingConfig(**training)})
 
 
 def _print_scalars(title: str, metrics: dict) -> None:
@@ -91,9 +90,8 @@ def run_fit_head(args: argparse.Namespace) -> int:
     report = _report_folder(args.report or args.out.with_name(args.out.name.split(".")[0] + "_report"))
     _manifest_inputs(manifest, [args.out, report])
 
-    from ..heads import evaluate, fit_head, save_head, write_report
-    from ..heads.evaluation import Evaluation
-    from ..heads.fitting import check_manifest
+    from ..heads import Evaluation, evaluate, fit_head, save_head, write_report
+    from ..heads.cases import check_manifest
 
     config = _fit_config(args, args.task)
     check_manifest(manifest, config)  # before the model is loaded
@@ -128,11 +126,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
     _manifest_inputs(manifest, [report])
 
     from ..heads import evaluate, load_head, write_report
-    from ..heads.evaluation import evaluation_rows
+    from ..heads.cases import evaluation_rows
 
     head = load_head(args.head)
     split, columns = None if args.split == "all" else args.split, _fit_config(args, head.card.task)
-    evaluation_rows(head, manifest, split, columns)  # before the model is loaded
+    evaluation_rows(head.card, manifest, split, columns)  # before the model is loaded
     store = _feature_store(args)
     session = open_session(args, store.identity.policy if store else None)
     progress, bar = tqdm_progress("cases", unit="case")
@@ -165,11 +163,11 @@ def run_predict(args: argparse.Namespace) -> int:
 
     head = load_head(args.head)
     modalities = max(1, len(head.card.modalities))
-    if head.card.task != "segmentation" and len(args.volumes) % modalities:
+    if head.card.task != SEGMENTATION and len(args.volumes) % modalities:
         raise BrainDINOError(args.head, f"needs {modalities} volumes per subject ({', '.join(head.card.modalities)}), "
                                         f"got {len(args.volumes)}")
     features = _head_features(args, head)
-    if head.card.task == "segmentation":
+    if head.card.task == SEGMENTATION:
         for volume in args.volumes:
             target = _segmentation_output(args.out, volume, len(args.volumes) > 1)
             write_volume(segment(head, features(volume), cleanup=args.cleanup), target)
@@ -206,7 +204,7 @@ def run_segment(args: argparse.Namespace) -> int:
     from ..volume import write_volume
 
     head = load_head(args.head)
-    if head.card.task != "segmentation":
+    if head.card.task != SEGMENTATION:
         raise BrainDINOError(args.head, f"is a {head.card.task} head; segment needs a segmentation head (use predict)")
     features = _head_features(args, head)
     labels = segment(head, features(args.volume), cleanup=args.cleanup)
@@ -239,39 +237,52 @@ def _add_store_option(parser: argparse.ArgumentParser) -> None:
 
 def _add_column_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("manifest columns")
-    group.add_argument("--image-columns", type=_comma_list, default=(),
+    group.add_argument("--image-columns", type=comma_list, default=FitConfig.image_columns,
                        help="image column(s), one per modality (default: `image`, else every `image_*` column)")
-    group.add_argument("--label-column", default="label", help="label volume (segmentation) or class (default: label)")
-    group.add_argument("--target-column", default="target", help="regression target (default: target)")
-    group.add_argument("--time-column", default="time", help="survival time (default: time)")
-    group.add_argument("--event-column", default="event", help="survival event, 1 = observed (default: event)")
+    group.add_argument("--label-column", default=FitConfig.label_column,
+                       help="label volume (segmentation) or class (default: %(default)s)")
+    group.add_argument("--target-column", default=FitConfig.target_column, help="regression target (default: "
+                                                                                 "%(default)s)")
+    group.add_argument("--time-column", default=FitConfig.time_column, help="survival time (default: %(default)s)")
+    group.add_argument("--event-column", default=FitConfig.event_column,
+                       help="survival event, 1 = observed (default: %(default)s)")
 
 
 def register(commands: argparse._SubParsersAction) -> None:
     fit = commands.add_parser("fit-head", help="fit a head on the labelled cases of a CSV manifest")
-    fit.add_argument("--task", required=True, choices=TASK_CHOICES)
+    fit.add_argument("--task", required=True, choices=TASKS)
     fit.add_argument("--manifest", required=True, type=Path, help="CSV: one row per case (see the README)")
     fit.add_argument("--out", required=True, type=head_path, help="head file to write (.safetensors)")
     fit.add_argument("--report", type=Path, default=None, help="metrics and plots folder (default: <out>_report)")
-    fit.add_argument("--kind", default="", choices=("", "linear", "mlp", "decoder"),
+    fit.add_argument("--kind", default=FitConfig.kind, choices=("", *SEGMENTATION_KINDS),
                      help="segmentation head (default linear)")
-    fit.add_argument("--pooling", default="mean", choices=("mean", "attention"), help="subject pooling (default mean)")
-    fit.add_argument("--hidden", type=int_between(0), default=256,
-                     help="subject heads: MLP width; 0 = linear (default 256)")
-    fit.add_argument("--layers", type=parse_layers, default=None,
+    fit.add_argument("--pooling", default=FitConfig.pooling, choices=("mean", "attention"),
+                     help="subject pooling (default %(default)s)")
+    fit.add_argument("--hidden", type=int_between(0), default=FitConfig.hidden,
+                     help="subject heads: MLP width; 0 = linear (default %(default)s)")
+    fit.add_argument("--layers", type=parse_layers, default=FitConfig.layers,
                      help="segmentation: blocks to concatenate, e.g. 2,5,8,11 (default: four evenly spaced blocks "
                           "ending with the last, as the Slicer module uses)")
     fit.add_argument("--classes", type=Path, default=None, help="segmentation: class names by label value, one a line")
-    fit.add_argument("--val-fraction", type=float_between(0.0, 0.9), default=0.2,
-                     help="validation share for early stopping (0.2)")
-    fit.add_argument("--folds", type=int_between(0), default=0, help="k-fold cross-validation estimate (0: none)")
-    fit.add_argument("--label-fraction", type=float_between(0.0, 1.0), default=1.0,
+    fit.add_argument("--val-fraction", type=float_between(0.0, 0.9), default=FitConfig.val_fraction,
+                     help="validation share for early stopping (%(default)s)")
+    fit.add_argument("--folds", type=int_between(0), default=FitConfig.folds,
+                     help="k-fold cross-validation estimate (0: none)")
+    fit.add_argument("--label-fraction", type=float_between(0.0, 1.0), default=FitConfig.label_fraction,
                      help="train on this share of the labelled cases")
-    fit.add_argument("--seed", type=int, default=0)
-    fit.add_argument("--epochs", type=int_between(1), default=200)
-    fit.add_argument("--lr", type=float_between(0.0, 10.0), default=1e-3)
-    fit.add_argument("--batch", type=int_between(1), default=32, help="slices (segmentation) or subjects per step")
-    fit.add_argument("--patience", type=int_between(1), default=30, help="early stopping patience in epochs")
+    fit.add_argument("--seed", type=int, default=FitConfig.seed)
+    training = fit.add_argument_group("training (each option sets the field of HeadTrainingConfig in brackets)")
+    training.add_argument("--epochs", dest=TRAINING + "max_epochs", metavar="EPOCHS", type=int_between(1),
+                          default=HeadTrainingConfig.max_epochs, help="at most (max_epochs, default %(default)s)")
+    training.add_argument("--lr", dest=TRAINING + "learning_rate", metavar="LR", type=float_between(0.0, 10.0),
+                          default=HeadTrainingConfig.learning_rate,
+                          help="AdamW learning rate (learning_rate, default %(default)s)")
+    training.add_argument("--batch", dest=TRAINING + "batch_size", metavar="BATCH", type=int_between(1),
+                          default=HeadTrainingConfig.batch_size,
+                          help="slices (segmentation) or subjects per step (batch_size, default %(default)s)")
+    training.add_argument("--patience", dest=TRAINING + "patience", metavar="PATIENCE", type=int_between(1),
+                          default=HeadTrainingConfig.patience,
+                          help="early stopping patience in epochs (patience, default %(default)s)")
     _add_column_options(fit)
     _add_store_option(fit)
     add_model_options(fit)
@@ -320,7 +331,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     make.add_argument("--test", type=int_between(0), default=8, help="test cases (default 8)")
     make.add_argument("--seed", type=int, default=0)
     make.add_argument("--spacing", type=float_between(0.5, 10.0), default=2.0, help="voxel size in mm (default 2)")
-    make.add_argument("--sequences", type=_comma_list, default=(),
+    make.add_argument("--sequences", type=comma_list, default=(),
                       help="sequences to render per case, e.g. T1,FLAIR (multi-modal); default per task")
     make.set_defaults(run=run_make_cases)
     declare_files(make, outputs={"out": "folder"})

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from ..errors import BrainDINOError
-
-Task = Literal["segmentation", "classification", "regression", "survival", "knn"]
-TASKS: tuple[str, ...] = ("segmentation", "classification", "regression", "survival", "knn")
+from .tasks import TASKS
 
 # Distinct colours for label maps (0 = background is never drawn); cycled past the end.
 PALETTE: tuple[tuple[int, int, int], ...] = (

@@ -17,14 +17,16 @@ from ..errors import BrainDINOError
 from ..features import VolumeFeatures
 from ..volume import Volume
 from .card import HeadCard, make_classes, names_for_values
+from .config import HeadTrainingConfig
 from .head import Head
 from .segmentation import (check_covered, head_inputs, make_segmentation_module, segment, segmentation_loss,
                            soft_targets)
-from .training import History, TrainConfig, train_module
+from .tasks import SEGMENTATION
+from .training import History, train_module
 
 log = logging.getLogger(__name__)
 
-FEW_SHOT_TRAINING = TrainConfig(max_epochs=150, learning_rate=3e-3, weight_decay=1e-4, batch_size=0)
+FEW_SHOT_TRAINING = HeadTrainingConfig(max_epochs=150, learning_rate=3e-3, weight_decay=1e-4, batch_size=0)
 
 
 @dataclass
@@ -38,7 +40,7 @@ class FewShotResult:
 def few_shot_segment(features: VolumeFeatures, labels: np.ndarray, slice_indices: Sequence[int],
                      class_names: Sequence[str] | None = None, progress: Callable[[int, int], None] | None = None,
                      cancel: Callable[[], bool] | None = None, kind: str = "mlp",
-                     config: TrainConfig = FEW_SHOT_TRAINING, cleanup: bool = False,
+                     config: HeadTrainingConfig = FEW_SHOT_TRAINING, cleanup: bool = False,
                      layers: Sequence[int] | None = None,
                      colours: Mapping[int, tuple[int, int, int]] | None = None) -> FewShotResult:
     """Fit a segmentation head on axial slices `slice_indices` of `labels` (int [Z, Y, X] on the canonical
@@ -81,7 +83,7 @@ def few_shot_segment(features: VolumeFeatures, labels: np.ndarray, slice_indices
     log.info("few-shot head on %d slices of %s: loss %.3f", len(slice_indices), source, history.train_loss[-1])
     classes = [replace(c, colour=tuple(colours[c.value])) if colours and c.value in colours else c
                for c in make_classes(values, names_for_values(values, class_names))]
-    card = HeadCard(task="segmentation", kind=kind, encoder_id=features.model_id, classes=classes, layers=layers,
+    card = HeadCard(task=SEGMENTATION, kind=kind, encoder_id=features.model_id, classes=classes, layers=layers,
                     preprocessing=features.preprocessing.to_dict(), module=arguments,
                     extra={"fitted_on": source, "labelled_slices": slice_indices, "training": config.to_dict()},
                     description=f"few-shot segmentation from {len(slice_indices)} labelled slices")

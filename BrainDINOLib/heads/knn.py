@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .head import register_kind
+from .config import DEFAULT_K_SWEEP
+from .registry import register_head_kind
 from .subject import Bag
-
-DEFAULT_K_SWEEP = (1, 3, 5, 10, 20)
+from .tasks import KNN
 
 
 def subject_vector(bag: Bag) -> Tensor:
@@ -24,7 +24,7 @@ def subject_vector(bag: Bag) -> Tensor:
     return torch.cat([tokens.mean(dim=0) for tokens in bag])
 
 
-@register_kind("knn")
+@register_head_kind("knn", KNN)
 class KNNHead(nn.Module):
     def __init__(self, feature_dim: int, num_items: int, num_classes: int, k: int = 5):
         super().__init__()

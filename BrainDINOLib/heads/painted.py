@@ -66,17 +66,20 @@ def painted_labels(labels: Volume, classes: Sequence[ClassInfo] = (), source: st
     return PaintedLabels(labels, tuple(int(k) for k in painted), named)
 
 
+def check_painted_grid(labels: Volume, volume: Volume, source: str | Path | None = None) -> None:
+    """Refuse painted labels (read from `source`) that are not on the grid of `volume`: size, spacing, origin and
+    direction must all be the same."""
+    if labels.shape != volume.shape or labels.geometry != volume.geometry:
+        raise BrainDINOError(source or labels.source or "labels",
+                             f"is not on the grid of {volume.source or 'the volume'} (size {labels.geometry.size} vs "
+                             f"{volume.geometry.size}, or spacing, origin or direction differ)")
+
+
 def learn_from_painted(session: FeatureSession, volume: Volume, painted: PaintedLabels, kind: str = "mlp",
                        cleanup: bool = False, progress: Callable[[int, int], None] | None = None,
                        cancel: Callable[[], bool] | None = None) -> FewShotResult:
     """Fit a few-shot head on the painted slices (the session's segmentation blocks) and segment `volume`."""
-    if painted.labels.shape != volume.shape:
-        raise BrainDINOError(painted.labels.source or "labels", f"grid {painted.labels.shape} is not the grid "
-                                                                f"{volume.shape} of {volume.source or 'the volume'}")
-    if painted.labels.geometry != volume.geometry:
-        raise BrainDINOError(painted.labels.source or "labels",
-                             f"are not on the grid of {volume.source or 'the volume'} (spacing, origin or direction "
-                             "differ)")
+    check_painted_grid(painted.labels, volume)
     layers = session.segmentation_layers
     features = session.features(volume, layers, progress=progress, cancel=cancel)
     names = ["background", *painted.class_names]  # in label-value order, as the classes

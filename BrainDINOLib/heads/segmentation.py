@@ -29,10 +29,12 @@ from ..features import MAP_CHUNK, VolumeFeatures
 from ..slices import SliceGeometry, crop_box
 from ..upsample import cell_means, interpolate_slices
 from ..volume import Volume
-from .head import Head, register_kind
+from .head import Head
+from .registry import create_head_module, head_kinds, register_head_kind, register_predictor
+from .tasks import SEGMENTATION
 
 
-@register_kind("linear")
+@register_head_kind("linear", SEGMENTATION)
 class LinearSegmentationHead(nn.Module):
     """BatchNorm + 1x1 convolution: class scores per patch ([S, C, h, w] -> [S, K, h, w])."""
 
@@ -66,7 +68,7 @@ class PerCell(nn.Module):
         return rows.reshape(n, h, w, -1).permute(0, 3, 1, 2)
 
 
-@register_kind("mlp")
+@register_head_kind("mlp", SEGMENTATION)
 class MLPSegmentationHead(nn.Module):
     """BatchNorm + a two-layer per-cell MLP (GELU): class scores per cell, nonlinear in the tokens. The
     few-shot default: from a few labelled slices it tells apart regions that a linear map of the tokens
@@ -88,7 +90,7 @@ class MLPSegmentationHead(nn.Module):
         return PerCell(self.layers[:2]), PerCell(self.layers[2:])
 
 
-@register_kind("decoder")
+@register_head_kind("decoder", SEGMENTATION)
 class DecoderSegmentationHead(nn.Module):
     """1x1 projection, then `log2(upscale)` blocks of (x2 bilinear upsampling, 3x3 conv, BN, GELU), then a
     1x1 classifier: [S, C, h, w] -> [S, K, h * upscale, w * upscale]."""
@@ -119,16 +121,12 @@ class DecoderSegmentationHead(nn.Module):
         return self.layers[:3], self.layers[3:]
 
 
-SEGMENTATION_KINDS = {"linear": LinearSegmentationHead, "mlp": MLPSegmentationHead,
-                      "decoder": DecoderSegmentationHead}
-
-
 def make_segmentation_module(kind: str, in_channels: int, num_classes: int) -> tuple[nn.Module, dict]:
-    """A fresh head module of `kind` (see `SEGMENTATION_KINDS`) and its constructor arguments (for the card)."""
+    """A fresh head module of `kind` (a registered segmentation kind) and its constructor arguments (for the card)."""
     arguments = {"in_channels": in_channels, "num_classes": num_classes}
-    if kind not in SEGMENTATION_KINDS:
-        raise BrainDINOError(kind, f"unknown segmentation head; use one of {', '.join(SEGMENTATION_KINDS)}")
-    return SEGMENTATION_KINDS[kind](**arguments), arguments
+    if kind not in head_kinds(SEGMENTATION):
+        raise BrainDINOError(kind, f"unknown segmentation head; use one of {', '.join(head_kinds(SEGMENTATION))}")
+    return create_head_module(kind, **arguments), arguments
 
 
 # ---- inputs and targets ----------------------------------------------------------------------------------
@@ -203,6 +201,7 @@ def label_dtype(values: Sequence[int]) -> np.dtype:
     return np.dtype(np.uint8) if max(values) < 256 else np.dtype(np.uint16)
 
 
+@register_predictor(SEGMENTATION)
 @torch.no_grad()
 def segment(head: Head, features: VolumeFeatures, cleanup: bool = False) -> Volume:
     """Apply a segmentation head to a volume's features: a label `Volume` on the input's grid (uint8 or
@@ -215,7 +214,7 @@ def segment(head: Head, features: VolumeFeatures, cleanup: bool = False) -> Volu
     as interpolating the features first, because an affine map commutes with interpolation, at a fraction
     of the cost."""
     card = head.card
-    if card.task != "segmentation":
+    if card.task != SEGMENTATION:
         raise BrainDINOError(card.task, "this head is not a segmentation head")
     card.check_encoder(features.model_id, features.source or None)
     module = head.module.eval()

@@ -18,7 +18,9 @@ from torch import Tensor, nn
 from ..errors import BrainDINOError
 from ..features import VolumeFeatures
 from .card import HeadCard
-from .head import Head, register_kind
+from .head import Head
+from .registry import register_head_kind, register_predictor
+from .tasks import CLASS_TASKS, CLASSIFICATION, KNN, REGRESSION, SEGMENTATION, SUBJECT_TASKS, SURVIVAL
 
 Bag = list[Tensor]  # one subject: slice tokens [S_m, F] per modality
 
@@ -53,7 +55,7 @@ class MeanPool(nn.Module):
         return tokens.mean(dim=0)
 
 
-@register_kind("subject-mlp")
+@register_head_kind("subject-mlp", CLASSIFICATION, REGRESSION, SURVIVAL)
 class SubjectHead(nn.Module):
     """Pool each modality's slice tokens, standardise, concatenate, MLP -> `out_dim` outputs per subject.
 
@@ -112,7 +114,7 @@ def subject_outputs(head: Head, bags: Sequence[Bag]) -> np.ndarray:
 
 def class_probabilities(card: HeadCard, outputs: np.ndarray) -> np.ndarray:
     """Classification logits -> softmax probabilities; kNN outputs already are vote fractions. [N, K]"""
-    if card.task == "knn":
+    if card.task == KNN:
         return outputs
     shifted = np.exp(outputs - outputs.max(axis=1, keepdims=True))
     return shifted / shifted.sum(axis=1, keepdims=True)
@@ -125,19 +127,20 @@ def regression_values(card: HeadCard, outputs: np.ndarray) -> np.ndarray:
 
 def interpret(card: HeadCard, outputs: np.ndarray) -> list[dict]:
     """Raw outputs of subjects [N, out] as readable prediction dicts."""
-    if card.task in ("classification", "knn"):
+    if card.task in CLASS_TASKS:
         return [{"class": card.classes[int(np.argmax(p))].name,
                  "probabilities": {c.name: float(x) for c, x in zip(card.classes, p)}}
                 for p in class_probabilities(card, outputs)]
-    if card.task == "regression":
+    if card.task == REGRESSION:
         return [{"value": float(v)} for v in regression_values(card, outputs)]
     return [{"risk": float(r), "risk_group": "high" if r > card.extra["median_risk"] else "low"} for r in outputs[:, 0]]
 
 
+@register_predictor(*SUBJECT_TASKS)
 def predict_subject(head: Head, features_list: VolumeFeatures | Sequence[VolumeFeatures]) -> dict:
     """Predict for one subject: classification -> {class, probabilities}, regression -> {value},
     survival -> {risk, risk_group (split at the training median)}, knn -> {class, probabilities (votes)}."""
     card = head.card
-    if card.task == "segmentation":
+    if card.task == SEGMENTATION:
         raise BrainDINOError(card.task, "this is a segmentation head; use segment()")
     return interpret(card, subject_outputs(head, [subject_bag(card, features_list)]))[0]

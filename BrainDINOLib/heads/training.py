@@ -16,22 +16,9 @@ from torch import Tensor, nn
 
 from ..errors import CancelledError
 from ..threads import torch_threads
+from .config import HeadTrainingConfig
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    max_epochs: int = 200
-    learning_rate: float = 1e-3
-    weight_decay: float = 1e-4
-    batch_size: int = 32  # training items per step (slices or subjects); 0 = the whole set
-    patience: int = 30  # stop after this many epochs without a better validation loss
-    seed: int = 0
-    threads: int | None = 1  # torch threads while fitting: heads are small, one thread is fastest (threads.py)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
@@ -47,7 +34,7 @@ class History:
 
 
 def train_module(module: nn.Module, batch_loss: Callable[[nn.Module, Tensor], Tensor], num_items: int,
-                 config: TrainConfig, val_loss: Callable[[nn.Module], float] | None = None,
+                 config: HeadTrainingConfig, val_loss: Callable[[nn.Module], float] | None = None,
                  progress: Callable[[int, int], None] | None = None,
                  cancel: Callable[[], bool] | None = None) -> History:
     """Optimise `module` in place; `batch_loss(module, indices)` is the mean loss of training items `indices`."""
@@ -56,7 +43,7 @@ def train_module(module: nn.Module, batch_loss: Callable[[nn.Module, Tensor], Te
 
 
 def _train(module: nn.Module, batch_loss: Callable[[nn.Module, Tensor], Tensor], num_items: int,
-           config: TrainConfig, val_loss: Callable[[nn.Module], float] | None,
+           config: HeadTrainingConfig, val_loss: Callable[[nn.Module], float] | None,
            progress: Callable[[int, int], None] | None, cancel: Callable[[], bool] | None) -> History:
     generator = torch.Generator().manual_seed(config.seed)
     optimiser = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad],
