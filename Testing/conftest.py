@@ -1,11 +1,17 @@
 """Shared fixtures: paths to the real data in ../shared and the bundled sample, small encoders."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from BrainDINOLib.atlas import COLIN27_T1
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs the tests in parallel workers (pytest -n 2), one per core: each worker and the processes
+    # its tests start compute on one thread, so the workers share the cores instead of oversubscribing them.
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
