@@ -40,11 +40,9 @@ from ..upsample import interpolate_slices, window
 from ..volume import Volume
 from .config import config_from_dict
 from .model import build_network
-from ..tissue import CLASS_NAMES
+from ..tissue import CLASS_NAMES, TISSUE_CLASSES
 
 log = logging.getLogger(__name__)
-
-TISSUES = tuple(range(1, len(CLASS_NAMES)))  # CSF, GM, WM: the classes averaged into the mean Dice
 
 
 @dataclass(frozen=True)
@@ -123,8 +121,8 @@ def patch_probe_dice(train: Tensor, test: Tensor, geometry: SliceGeometry, label
 
 
 def _named_dice(predicted: np.ndarray, truth: np.ndarray) -> dict[str, float]:
-    per_class = dice_per_class(predicted, truth, TISSUES)
-    dice = {CLASS_NAMES[c]: per_class.get(c, 0.0) for c in TISSUES}
+    per_class = dice_per_class(predicted, truth, TISSUE_CLASSES)  # mean Dice: CSF, GM, WM
+    dice = {CLASS_NAMES[c]: per_class.get(c, 0.0) for c in TISSUE_CLASSES}
     dice["mean"] = float(np.mean(list(dice.values())))
     return dice
 
