@@ -36,7 +36,7 @@ from ..heads.segmentation import soft_targets
 from ..session import FeatureSession
 from ..slices import SliceGeometry, SliceStack
 from ..threads import torch_threads
-from ..upsample import interpolate_slices, window
+from ..upsample import interpolate_slices
 from ..volume import Volume
 from .config import config_from_dict
 from .model import build_network
@@ -74,7 +74,7 @@ def raw_patch_features(stack: SliceStack, patch: int) -> Tensor:
 
 def window_labels(mapping: VoxelMapping, labels: np.ndarray, slice_indices: list[int]) -> np.ndarray:
     """Voxel labels [n, rows, cols] of the part of the box inside the volume, on slices `slice_indices`."""
-    _, _, rows, cols = window(mapping.slices)
+    _, _, rows, cols = mapping.slices.window()
     return labels[slice_indices][:, rows, cols]
 
 
