@@ -26,35 +26,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import BrainDINOError
+from .preprocessing import PreprocessConfig
 from .resolution import ResolutionPolicy
 from .volume import Volume
 
 # Normalised intensity z (foreground z-score) is kept as uint8 round((z - GUIDE_LOW) * GUIDE_SCALE).
 GUIDE_LOW = -4.0
 GUIDE_SCALE = 32.0
-
-
-@dataclass(frozen=True)
-class PreprocessConfig:
-    """How a volume's intensities and in-plane crop are prepared. Part of every feature-cache key.
-
-    (How finely it is embedded is the `ResolutionPolicy`'s business.)"""
-
-    clip_percentiles: tuple[float, float] = (0.5, 99.5)
-    margin_mm: float = 8.0
-    min_slice_foreground: float = 0.05  # skip slices whose foreground area is below this fraction of the largest
-    min_foreground_voxels: int = 512  # less than this is noise, not a head
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> PreprocessConfig:
-        """Read a config; `image_size`, part of it in cards written before the resolution policy, is ignored."""
-        data = {k: v for k, v in data.items() if k != "image_size"}
-        if "clip_percentiles" in data:
-            data["clip_percentiles"] = tuple(data["clip_percentiles"])
-        return cls(**data)
 
 
 @dataclass(frozen=True)
