@@ -23,8 +23,10 @@ $(WEB): $(STAMP)
 	$(PY) -m pip install --quiet -e '.[test,web]'
 	touch $(WEB)
 
+# One worker per core (at most 4): many tests wait on child processes or run on one thread, so two workers on
+# two cores finish the suite in far less time; a test file stays on one worker (its module fixtures once).
 test: setup $(WEB)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadfile
 
 benchmark: setup
 	$(PY) benchmarks/embed_speed.py

@@ -22,7 +22,7 @@ _EXPORTS = {
     "VolumeFeatures": "features",
     "ResolutionPolicy": "resolution",
     "FeatureSession": "session",
-    "PreprocessConfig": "slices", "SliceGeometry": "slices", "SliceStack": "slices",
+    "PreprocessConfig": "preprocessing", "SliceGeometry": "slices", "SliceStack": "slices",
     "Geometry": "volume", "Volume": "volume", "read_label_volume": "volume", "read_volume": "volume",
     "write_volume": "volume",
 }

@@ -35,6 +35,7 @@ from .architecture import FAMILY_NAMES, POS_EMBED_RESIZES, Architecture, paramet
 from .atomic import atomic_path, write_text_atomic
 from .errors import BrainDINOError
 from .memory import ensure_fits
+from .preprocessing import PreprocessConfig
 
 log = logging.getLogger(__name__)
 
@@ -53,25 +54,29 @@ MMAP_FROM_BYTES = 1 << 30
 
 @dataclass
 class ModelCard:
-    """What a saved encoder is: its architecture, how inputs were preprocessed for it, where it came from."""
+    """What a saved encoder is: its architecture, how inputs were preprocessed for it, where it came from.
+
+    `preprocessing` None: the card names none, and the engine's defaults apply (written as `{}`)."""
 
     name: str
     architecture: Architecture
-    preprocessing: dict[str, Any] = field(default_factory=dict)
+    preprocessing: PreprocessConfig | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
     description: str = ""
 
     def to_json(self) -> str:
         data = {"name": self.name, "architecture": self.architecture.to_dict(),
-                "preprocessing": self.preprocessing, "provenance": self.provenance,
-                "description": self.description}
+                "preprocessing": self.preprocessing.to_dict() if self.preprocessing else {},
+                "provenance": self.provenance, "description": self.description}
         return json.dumps(data, indent=2, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> ModelCard:
         data = json.loads(text)
+        preprocessing = data.get("preprocessing")
         return cls(name=data["name"], architecture=Architecture.from_dict(data["architecture"]),
-                   preprocessing=data.get("preprocessing", {}), provenance=data.get("provenance", {}),
+                   preprocessing=PreprocessConfig.from_dict(preprocessing) if preprocessing else None,
+                   provenance=data.get("provenance", {}),
                    description=data.get("description", ""))
 
 

@@ -11,23 +11,11 @@ import argparse
 import logging
 import re
 import sys
-from collections.abc import Callable
-from typing import NoReturn
 
-from .errors import BrainDINOError, CancelledError
-
-EXIT_BAD_INPUT = 2
-EXIT_INTERRUPTED = 130
+from .errors import OneLineParser, report_errors
 
 # A comma-separated list of numbers that starts with a minus sign, e.g. the point `-24,4,2`.
 NEGATIVE_LIST = re.compile(r"^-\d[\d.eE+-]*(,\s*[-+]?[\d.eE+-]+)+$")
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (the usage block stays in `--help`), still with exit code 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,23 +57,6 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
 
     return report_errors("braindino", body)
-
-
-def report_errors(program: str, body: Callable[[], int]) -> int:
-    """Run a command's `body` and return its exit code. Bad input ends with one line on stderr naming the file
-    and the problem (exit code 2); a cancel or Ctrl-C with one line (130); never a traceback. Shared by
-    `braindino`, the torchrun entry point and the scripts in Training/."""
-    try:
-        return body()
-    except BrainDINOError as error:
-        print(f"{program}: error: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except CancelledError as error:
-        print(f"{program}: {error}", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except KeyboardInterrupt:
-        print(f"{program}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ Cancel = Callable[[], bool]  # e.g. threading.Event().is_set
 def default_preprocessing(encoder: Encoder) -> PreprocessConfig:
     """The preprocessing the model was trained with (from its card), else the defaults."""
     if encoder.card and encoder.card.preprocessing:
-        return PreprocessConfig.from_dict(encoder.card.preprocessing)
+        return encoder.card.preprocessing
     return PreprocessConfig()
 
 

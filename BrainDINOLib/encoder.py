@@ -12,7 +12,8 @@ from torch import Tensor, nn
 from .architecture import Architecture, parameter_count
 from .checkpoints import Checkpoint, ModelCard, load_backbone, read_checkpoint
 from .errors import BrainDINOError
-from .inference import Precision, inference_model, precision_context, resolve_precision
+from .inference import inference_model, precision_context, resolve_precision
+from .precision import Precision
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from .atomic import atomic_path
 from .errors import BrainDINOError
 from .resolution import ResolutionPolicy
 from .slices import PreprocessConfig, SliceGeometry, crop_box
-from .upsample import InplaneUpsampler, cell_means, interpolate_slices, window
+from .upsample import InplaneUpsampler, cell_means, interpolate_slices
 from .volume import Geometry, Volume
 
 FORMAT_VERSION = 2
@@ -62,7 +62,7 @@ class VoxelMapping:
         `reduce` or `squeeze` of a one-channel map) on the input grid; voxels without features (slices outside
         `covered`, outside the box) hold `fill`."""
         upsample = self.upsampler(upscale)
-        _, _, rows, cols = window(self.slices)
+        _, _, rows, cols = self.slices.window()
         covered = list(self.covered)
         out = None
         for start in range(0, len(covered), MAP_CHUNK):

@@ -23,17 +23,15 @@ import contextlib
 import logging
 import platform
 import warnings
-from typing import Literal
 
 import torch
 from torch import nn
 
 from .errors import BrainDINOError
+from .precision import PRECISIONS
 
 log = logging.getLogger(__name__)
 
-Precision = Literal["auto", "fp32", "int8", "bf16"]
-PRECISIONS: tuple[str, ...] = ("auto", "fp32", "int8", "bf16")
 SUPPORTED = {"cpu": ("fp32", "int8", "bf16"), "cuda": ("fp32", "bf16"), "mps": ("fp32",)}
 
 

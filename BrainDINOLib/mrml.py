@@ -35,7 +35,6 @@ RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0])  # its own inverse
 
 # Colour nodes that Slicer's Colors module always creates (procedural: no file needed).
 HEAT_COLORS = "vtkMRMLPETProceduralColorNodePET-Heat"
-RAINBOW_COLORS = "vtkMRMLColorTableNodeRainbow"
 LABEL_COLORS = "vtkMRMLColorTableNodeLabels"
 
 

@@ -20,7 +20,7 @@ import torch
 from .cache import FeatureCache, preference, serves, volume_key
 from .embedding import Cancel, Progress, default_preprocessing, embed_volume
 from .encoder import Encoder, load_encoder
-from .inference import Precision
+from .precision import Precision
 from .features import VolumeFeatures
 from .resolution import ResolutionPolicy, default_policy
 from .slices import PreprocessConfig, SliceStack

@@ -26,35 +26,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import BrainDINOError
+from .preprocessing import PreprocessConfig
 from .resolution import ResolutionPolicy
 from .volume import Volume
 
 # Normalised intensity z (foreground z-score) is kept as uint8 round((z - GUIDE_LOW) * GUIDE_SCALE).
 GUIDE_LOW = -4.0
 GUIDE_SCALE = 32.0
-
-
-@dataclass(frozen=True)
-class PreprocessConfig:
-    """How a volume's intensities and in-plane crop are prepared. Part of every feature-cache key.
-
-    (How finely it is embedded is the `ResolutionPolicy`'s business.)"""
-
-    clip_percentiles: tuple[float, float] = (0.5, 99.5)
-    margin_mm: float = 8.0
-    min_slice_foreground: float = 0.05  # skip slices whose foreground area is below this fraction of the largest
-    min_foreground_voxels: int = 512  # less than this is noise, not a head
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> PreprocessConfig:
-        """Read a config; `image_size`, part of it in cards written before the resolution policy, is ignored."""
-        data = {k: v for k, v in data.items() if k != "image_size"}
-        if "clip_percentiles" in data:
-            data["clip_percentiles"] = tuple(data["clip_percentiles"])
-        return cls(**data)
 
 
 @dataclass(frozen=True)
@@ -90,6 +68,15 @@ class SliceGeometry:
         rows, cols = self.box[2:]
         side = self.patches * self.shifts
         return rows / side, cols / side
+
+    def window(self) -> tuple[slice, slice, slice, slice]:
+        """The part of the box inside the volume: (box rows, box cols, volume rows, volume cols) as slices."""
+        return box_window(self.box, self.volume_shape[1:])
+
+    def box_contains(self, j: int, i: int) -> bool:
+        """Whether the volume's voxel column (j, i) lies inside the box (the region the model saw)."""
+        _, _, rows, cols = self.window()
+        return rows.start <= j < rows.stop and cols.start <= i < cols.stop
 
     @property
     def origin(self) -> tuple[float, float]:
@@ -167,14 +154,22 @@ def patch_aligned_box(mask: np.ndarray, spacing_ij: tuple[float, float], margin_
     return (int(round(centre_r - box_rows / 2)), int(round(centre_c - box_cols / 2)), box_rows, box_cols), patches
 
 
+def box_window(box: tuple[int, int, int, int], shape: tuple[int, int]) -> tuple[slice, slice, slice, slice]:
+    """The part of an in-plane `box` (row0, col0, rows, cols) that lies inside an image of `shape` (rows, cols):
+    (box rows, box cols, image rows, image cols) as slices, empty where the two do not overlap."""
+    row0, col0, rows, cols = box
+    height, width = shape
+    r_lo, c_lo = max(0, -row0), max(0, -col0)
+    r_hi, c_hi = max(r_lo, min(rows, height - row0)), max(c_lo, min(cols, width - col0))
+    return slice(r_lo, r_hi), slice(c_lo, c_hi), slice(row0 + r_lo, row0 + r_hi), slice(col0 + c_lo, col0 + c_hi)
+
+
 def crop_box(slices: np.ndarray, box: tuple[int, int, int, int], background: float = 0.0) -> np.ndarray:
     """`box` (row0, col0, rows, cols) cut out of every slice [S, Y, X], padded with `background` past the edges."""
-    row0, col0, box_rows, box_cols = box
-    _, rows, cols = slices.shape
-    pad = ((0, 0), (max(0, -row0), max(0, row0 + box_rows - rows)), (max(0, -col0), max(0, col0 + box_cols - cols)))
-    padded = np.pad(slices, pad, constant_values=background)
-    r, c = row0 + pad[1][0], col0 + pad[2][0]
-    return np.ascontiguousarray(padded[:, r:r + box_rows, c:c + box_cols])
+    box_rows, box_cols, rows, cols = box_window(box, slices.shape[1:])
+    cropped = np.full((len(slices), *box[2:]), background, dtype=slices.dtype)
+    cropped[:, box_rows, box_cols] = slices[:, rows, cols]
+    return cropped
 
 
 def quantise_guide(normalised: np.ndarray) -> np.ndarray:

@@ -45,7 +45,7 @@ from scipy.spatial.transform import Rotation
 from .atlas import COLIN27_AAL, COLIN27_T1, LOBES, MNI152_GM, MNI152_WM, aal_names, merge_aal_into_lobes
 from .atomic import write_text_atomic
 from .errors import BrainDINOError
-from .tissue import CLASS_NAMES, SIGNALS, TISSUES, tissue_fractions
+from .tissue import CLASS_NAMES, SIGNALS, TISSUES, tissue_fractions, tissue_labels
 from .volume import Volume, write_volume
 
 log = logging.getLogger(__name__)
@@ -181,7 +181,7 @@ def insert_lesion(fractions: dict[str, np.ndarray], rng: np.random.Generator, sp
     brain = (fractions["csf"] + fractions["gm"] + wm) > 0.5
     core = (distance < 1.0) & brain
     oedema = (distance < rng.uniform(1.6, 2.3)) & brain & ~core
-    for name in ("csf", "gm", "wm"):
+    for name in TISSUES:
         fractions[name] = np.where(core | oedema, 0.0, fractions[name])
     fractions["core"], fractions["oedema"] = core.astype(np.float32), oedema.astype(np.float32)
     labels = np.zeros(wm.shape, np.uint8)
@@ -241,9 +241,7 @@ def generate_case(task: str, index: int, seed: int = 0, config: CaseConfig = Cas
         fractions["gm"] = (1 - atrophy) * fractions["gm"]
         case.targets["atrophy"] = round(atrophy, 4)
     if task == "tissue":
-        stacked = np.stack([1 - fractions["csf"] - fractions["gm"] - fractions["wm"], fractions["csf"],
-                            fractions["gm"], fractions["wm"]])
-        labels = stacked.argmax(axis=0).astype(np.uint8)
+        labels = tissue_labels(*(fractions[t] for t in TISSUES))
     if task == "sequence":
         chosen = (SEQUENCES[index % len(SEQUENCES)],)  # balanced classes; everything else is random
         case.targets["sequence"] = chosen[0]

@@ -9,7 +9,9 @@ The rule, from grey- and white-matter probability maps (0..1):
   holes filled (the ventricles);
 - CSF fraction = intracranial x clip(1 - gm - wm, 0, 1); grey and white matter fractions are the maps
   inside the mask; background is everything else;
-- the tissue class of a voxel is argmax(background, CSF, GM, WM): 0 background, 1 CSF, 2 GM, 3 WM.
+- the tissue class of a voxel is argmax(background, CSF, GM, WM), background being what the three fractions
+  leave (1 - CSF - GM - WM): 0 background, 1 CSF, 2 GM, 3 WM (`tissue_labels`, for the template, a generated
+  case after its atrophy or lesion, or a synthetic training slice alike).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from .volume import Volume
 
 CLASS_NAMES = ("background", "CSF", "grey matter", "white matter")
 TISSUES = ("csf", "gm", "wm")  # the fractions' keys, in class order 1, 2, 3
+TISSUE_CLASSES = (1, 2, 3)  # the label values of CSF, GM and WM (0 is background)
 
 # Relative signal of each tissue per sequence (background is 0). Orderings follow the textbook appearance of
 # each sequence (T1: CSF < GM < WM; T2: CSF > GM > WM; FLAIR: CSF dark, GM > WM; PD: CSF >~ GM > WM); lesion
@@ -42,22 +45,17 @@ def intracranial_mask(gm: np.ndarray, wm: np.ndarray) -> np.ndarray:
 
 def tissue_fractions(gm: np.ndarray, wm: np.ndarray) -> dict[str, np.ndarray]:
     """{"csf", "gm", "wm"}: float32 fractions (sum <= 1; background is the rest) from 0..1 GM/WM maps."""
-    return _fractions(gm, wm, intracranial_mask(gm, wm))
-
-
-def _fractions(gm: np.ndarray, wm: np.ndarray, inside: np.ndarray) -> dict[str, np.ndarray]:
+    inside = intracranial_mask(gm, wm)
     return {"csf": (inside * np.clip(1.0 - gm - wm, 0.0, 1.0)).astype(np.float32),
             "gm": (gm * inside).astype(np.float32), "wm": (wm * inside).astype(np.float32)}
 
 
-def tissue_probabilities(gm_map: Volume, wm_map: Volume) -> np.ndarray:
-    """float32 [Z, Y, X, 4]: background, CSF, GM, WM probabilities from 0-255 GM/WM maps on one grid."""
-    gm, wm = gm_map.array / 255.0, wm_map.array / 255.0
-    inside = intracranial_mask(gm, wm)
-    fractions = _fractions(gm, wm, inside)
-    return np.stack([(~inside).astype(np.float32), *(fractions[t] for t in TISSUES)], axis=-1)
+def tissue_labels(csf: np.ndarray, gm: np.ndarray, wm: np.ndarray) -> np.ndarray:
+    """uint8, the fractions' shape: 0 background, 1 CSF, 2 GM, 3 WM, whichever holds most of the voxel."""
+    return np.stack([1 - csf - gm - wm, csf, gm, wm]).argmax(axis=0).astype(np.uint8)
 
 
 def tissue_classes(gm_map: Volume, wm_map: Volume) -> np.ndarray:
-    """uint8 [Z, Y, X]: 0 background, 1 CSF, 2 GM, 3 WM (argmax of `tissue_probabilities`)."""
-    return tissue_probabilities(gm_map, wm_map).argmax(axis=-1).astype(np.uint8)
+    """uint8 [Z, Y, X]: the template's tissue labels (`tissue_labels`) from 0-255 GM/WM maps on one grid."""
+    fractions = tissue_fractions(gm_map.array / 255.0, wm_map.array / 255.0)
+    return tissue_labels(*(fractions[t] for t in TISSUES))

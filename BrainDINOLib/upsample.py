@@ -63,15 +63,6 @@ def interpolate_slices(values: Tensor, geometry: SliceGeometry, targets: Sequenc
     return torch.where(exact, low, mixed)
 
 
-def window(geometry: SliceGeometry) -> tuple[slice, slice, slice, slice]:
-    """The part of the box inside the volume: (box rows, box cols, volume rows, volume cols) as slices."""
-    _, height, width = geometry.volume_shape
-    row0, col0, rows, cols = geometry.box
-    r_lo, r_hi = max(0, -row0), min(rows, height - row0)
-    c_lo, c_hi = max(0, -col0), min(cols, width - col0)
-    return slice(r_lo, r_hi), slice(c_lo, c_hi), slice(row0 + r_lo, row0 + r_hi), slice(col0 + c_lo, col0 + c_hi)
-
-
 def cell_means(values: Tensor, geometry: SliceGeometry, upscale: int = 1) -> Tensor:
     """Area means [n, C, gh * upscale, gw * upscale] of box-sized maps [n, C, rows, cols] over the grid's cells
     (cells past the box's edge average what they overlap of it)."""
@@ -161,7 +152,7 @@ class InplaneUpsampler:
         (origin_r, origin_c), (cell_r, cell_c) = geometry.origin, geometry.cell
         self.cell = (cell_r / upscale, cell_c / upscale)
         self.origin = (origin_r, origin_c)
-        self.rows, self.cols, _, _ = window(geometry)
+        self.rows, self.cols, _, _ = geometry.window()
         box_rows, box_cols = geometry.box[2:]
         if method == "bilinear":
             self.row_matrix = linear_weights(box_rows, self.grid[0], origin_r, self.cell[0])[self.rows]

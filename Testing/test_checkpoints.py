@@ -9,6 +9,7 @@ from BrainDINOLib import (Architecture, BrainDINOError, ModelCard, checkpoints, 
                           read_checkpoint)
 from BrainDINOLib.architecture import parameter_count
 from BrainDINOLib.checkpoints import save_safetensors, save_teacher_checkpoint
+from BrainDINOLib.preprocessing import PreprocessConfig
 from BrainDINOLib.cli import main
 from conftest import reference_checkpoints
 
@@ -55,13 +56,14 @@ def test_timm_state_dict_and_wrapped_state_dicts(tmp_path, fixture_encoder, imag
 
 
 def test_safetensors_with_model_card_round_trips_exactly(tmp_path, fixture_encoder, images):
-    card = ModelCard("fixture", fixture_encoder.architecture, {"image_size": 224}, {"from": "test"}, "a test model")
+    card = ModelCard("fixture", fixture_encoder.architecture, PreprocessConfig(margin_mm=6.0), {"from": "test"},
+                     "a test model")
     path = save_safetensors(fixture_encoder.model, card, tmp_path / "fixture.safetensors", dtype=torch.float32)
     assert json.loads((tmp_path / "fixture.json").read_text())["name"] == "fixture"
     encoder = load_encoder(path, device="cpu", precision="fp32")
     assert encoder.checkpoint.kind == "braindino-safetensors"
     assert encoder.architecture == fixture_encoder.architecture
-    assert encoder.card.preprocessing == {"image_size": 224}
+    assert encoder.card.preprocessing == PreprocessConfig(margin_mm=6.0)
     assert encoder.model_id.startswith("fixture-")
     torch.testing.assert_close(encoder.tokens(images).patches, fixture_encoder.tokens(images).patches,
                                rtol=0, atol=0)

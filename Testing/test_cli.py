@@ -66,3 +66,30 @@ def test_help_and_a_missing_file_need_none_of_the_heavy_libraries():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.stdout.strip() == "2 []", result.stderr
     assert result.stderr.strip() == "braindino: error: no/such/volume.nii.gz: no such file or folder"
+
+
+def _subcommand_actions(name: str) -> dict:
+    from BrainDINOLib.cli import build_parser
+
+    subparsers = next(a for a in build_parser()._actions if a.dest == "command")
+    return {action.dest: action for action in subparsers.choices[name]._actions}
+
+
+def test_options_left_out_keep_the_engine_defaults_which_the_help_states():
+    """Options mapped onto a config (`commands.common.given`) have no default of their own: left out, they keep
+    the engine's; the number in their help is that default."""
+    import dataclasses
+    import inspect
+    import re
+
+    from BrainDINOLib.demo import DemoConfig
+    from BrainDINOLib.training.shards import prepare_slices
+
+    demo_defaults = {f.name: f.default for f in dataclasses.fields(DemoConfig)}
+    shard_defaults = {name: p.default for name, p in inspect.signature(prepare_slices).parameters.items()}
+    for command, names, defaults in [("demo", ("clusters", "labelled_slices"), demo_defaults),
+                                     ("prepare-slices", ("image_size", "patch_size", "shard_size"), shard_defaults)]:
+        actions = _subcommand_actions(command)
+        for name in names:
+            assert actions[name].default == "==SUPPRESS=="
+            assert re.search(r"\(default (\S+)\)", actions[name].help).group(1) == str(defaults[name]), name

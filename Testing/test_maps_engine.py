@@ -12,7 +12,6 @@ from maps_helpers import DICOM_ORIENTATION, small_features, small_session, store
 
 from BrainDINOLib import BrainDINOError, read_volume, write_volume
 from BrainDINOLib.maps import SimilarityIndex, attention_map, cluster_map, pca_map, similarity_map
-from BrainDINOLib.upsample import window
 from BrainDINOLib.volume import ras_to_lps
 
 LEFT_PUTAMEN_RAS = (-24.0, 4.0, 2.0)
@@ -103,7 +102,7 @@ def test_similarity_is_the_cosine_of_the_features_between_slices(cases):
     torch.testing.assert_close(cells[:, 0], expected, atol=1e-5, rtol=1e-5)
     voxels = features.mapping.upsampler()(cells, between)
     similarity = index.map_query(query).array
-    _, _, volume_rows, volume_cols = window(features.slices)
+    _, _, volume_rows, volume_cols = features.slices.window()
     np.testing.assert_allclose(similarity[between][:, volume_rows, volume_cols], voxels[:, 0].numpy(), atol=1e-6)
 
 

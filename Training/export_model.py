@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from BrainDINOLib.cli import report_errors  # noqa: E402
+from BrainDINOLib.errors import report_errors  # noqa: E402
 from BrainDINOLib.training.export import export_training_checkpoint  # noqa: E402
 
 

@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 
 from BrainDINOLib.atomic import atomic_path  # noqa: E402
-from BrainDINOLib.cli import report_errors  # noqa: E402
+from BrainDINOLib.errors import report_errors  # noqa: E402
 from BrainDINOLib.tissue import CLASS_NAMES  # noqa: E402
 from BrainDINOLib.training.config import SyntheticConfig  # noqa: E402
 from BrainDINOLib.training.synthbrain import CONTRASTS, SyntheticBrains  # noqa: E402

@@ -41,7 +41,7 @@ from BrainDINOLib.atlas import COLIN27_T1
 from BrainDINOLib.training import SliceShards, load_config, prepare_slices
 from BrainDINOLib.training.augment import MultiCrop
 from BrainDINOLib.training.batches import StepBatch, StepBatches, seeded_generator
-from BrainDINOLib.training.config import CropConfig, ModelConfig, TrainConfig
+from BrainDINOLib.training.config import CropConfig, ModelConfig, PretrainConfig
 from BrainDINOLib.training.model import build_network
 from BrainDINOLib.training.optim import Schedules, apply_step_values, build_optimizer
 from BrainDINOLib.training.synthbrain import SyntheticBrains
@@ -131,7 +131,7 @@ def synthetic_rate(synthetic: SyntheticBrains, count: int) -> float:
     return count / timed(lambda: [synthetic.slice(np.random.default_rng(i)) for i in range(1, count + 1)])
 
 
-def step_split(config: TrainConfig, batches: StepBatches, make_batch, steps: int) -> tuple[float, float]:
+def step_split(config: PretrainConfig, batches: StepBatches, make_batch, steps: int) -> tuple[float, float]:
     """Mean seconds per step spent making the batch and in `training_step` (after one warm-up step)."""
     torch.manual_seed(0)
     student = build_network(config.model, config.loss)
@@ -153,7 +153,7 @@ def step_split(config: TrainConfig, batches: StepBatches, make_batch, steps: int
     return statistics.mean(data), statistics.mean(compute)
 
 
-def flops_per_slice(model: ModelConfig, crops: CropConfig, config: TrainConfig) -> float:
+def flops_per_slice(model: ModelConfig, crops: CropConfig, config: PretrainConfig) -> float:
     """FLOPs of one training step for one slice: student forward + backward on all its crops, teacher forward
     on its global crops (heads included; the optimizer and EMA are negligible)."""
     torch.manual_seed(0)

@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from tqdm import tqdm
 
-RESOLUTION_PRESETS = ("legacy", "cpu", "mps", "cuda", "fine")  # names of resolution.PRESETS (kept light: no torch)
 PROGRESS_LINES = False  # `braindino --progress-lines`: progress as lines for front ends (process.PROGRESS_PREFIX)
 
 
@@ -78,12 +77,22 @@ def parse_layers(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated block indices, got {text!r}") from None
 
 
+def given(args: argparse.Namespace, *names: str) -> dict:
+    """The options among `names` that the user gave, for a config or function whose own defaults stand for the
+    rest: an option declared with `default=argparse.SUPPRESS` is absent from `args` unless given, so its
+    default is written once, in the engine."""
+    return {name: getattr(args, name) for name in names if hasattr(args, name)}
+
+
 def add_model_options(parser: argparse.ArgumentParser, cache: bool = True) -> None:
     """Options shared by every command that embeds volumes: the model, where it runs, the feature cache (unless
     `cache` is False), and the resolution (see `BrainDINOLib.resolution`)."""
+    from ..precision import PRECISIONS  # both torch-free: the choices come from the engine, not a copy
+    from ..resolution import PRESETS, UPSAMPLING_METHODS
+
     parser.add_argument("--model", default="demo", help="checkpoint file or built-in model name (default: demo)")
     parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
-    parser.add_argument("--precision", choices=("auto", "fp32", "int8", "bf16"), default="auto",  # inference.PRECISIONS
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="how the encoder computes (default auto: int8 on an x86 CPU, bf16 on CUDA, fp32 "
                              "elsewhere); fp32 reproduces the reference features exactly")
     parser.add_argument("--batch-size", type=int_between(1), default=None,
@@ -93,7 +102,7 @@ def add_model_options(parser: argparse.ArgumentParser, cache: bool = True) -> No
         parser.add_argument("--cache-dir", type=Path, default=None,
                             help="feature cache folder (default: $BRAINDINO_CACHE or ~/.cache/braindino)")
     resolution = parser.add_argument_group("resolution (default: by device, printed at the start)")
-    resolution.add_argument("--resolution", choices=RESOLUTION_PRESETS, default=None,
+    resolution.add_argument("--resolution", choices=tuple(PRESETS), default=None,
                             help="named setting: cpu (6 mm), mps (4 mm), cuda or fine (3 mm), legacy (224 px, every "
                                  "slice, bilinear: the old default)")
     size = resolution.add_mutually_exclusive_group()
@@ -104,7 +113,7 @@ def add_model_options(parser: argparse.ArgumentParser, cache: bool = True) -> No
                            "--slice-step-mm)")
     resolution.add_argument("--slice-step-mm", type=float_between(0.0, 100.0), default=None, metavar="MM",
                             help="distance between embedded axial slices (default: the patch size; 0: every slice)")
-    resolution.add_argument("--upsampling", choices=("guided", "bilinear"), default=None,
+    resolution.add_argument("--upsampling", choices=UPSAMPLING_METHODS, default=None,
                             help="from patches to voxels: guided by the image (default) or bilinear")
     resolution.add_argument("--shifts", type=int_between(1, 8), default=None, metavar="N",
                             help="embed each slice N x N times shifted by 1/N patch: an N times finer grid for N^2 "

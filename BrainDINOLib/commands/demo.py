@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import add_model_options, declare_files, feature_cache, int_between, policy_from_args
+from .common import add_model_options, declare_files, feature_cache, given, int_between, policy_from_args
 
 
 def run_demo_command(args: argparse.Namespace) -> int:
@@ -20,7 +20,7 @@ def run_demo_command(args: argparse.Namespace) -> int:
     device = args.device or "cpu"
     policy = policy_from_args(args, select_device(device).type)
     config = DemoConfig(model=args.model, device=device, policy=policy, batch_size=args.batch_size,
-                        clusters=args.clusters, labelled_slices=args.labelled_slices, precision=args.precision)
+                        precision=args.precision, **given(args, "clusters", "labelled_slices"))
     print(f"BrainDINO demo on {config.volume.name} with model {args.model}, point: {config.point.name} "
           f"(RAS {config.point.ras} mm)")
     print(f"features: {policy.describe()} on {device}")
@@ -48,8 +48,10 @@ def register(commands: argparse._SubParsersAction) -> None:
                                            "and one report picture, and prints how long each step took. Runs "
                                            "on the CPU unless --device is given.")
     demo.add_argument("--out", type=Path, required=True, help="output folder")
-    demo.add_argument("--clusters", type=int_between(1, 255), default=8, help="k-means regions (default 8)")
-    demo.add_argument("--labelled-slices", type=int_between(1), default=5,
+    # Defaults: DemoConfig's.
+    demo.add_argument("--clusters", type=int_between(1, 255), default=argparse.SUPPRESS,
+                      help="k-means regions (default 8)")
+    demo.add_argument("--labelled-slices", type=int_between(1), default=argparse.SUPPRESS,
                       help="axial slices the few-shot head learns from (default 5)")
     add_model_options(demo)
     demo.set_defaults(run=run_demo_command)

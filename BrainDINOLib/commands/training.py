@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .common import declare_files, int_between, tqdm_progress
+from .common import declare_files, given, int_between, tqdm_progress
 
 
 def run_prepare_slices(args: argparse.Namespace) -> int:
@@ -14,8 +14,8 @@ def run_prepare_slices(args: argparse.Namespace) -> int:
 
     progress, bar = tqdm_progress("preparing slices", unit="volume")
     with bar:
-        summary = prepare_slices(args.inputs, args.output, image_size=args.image_size, patch_size=args.patch_size,
-                                 shard_size=args.shard_size, progress=progress)
+        summary = prepare_slices(args.inputs, args.output, progress=progress,
+                                 **given(args, "image_size", "patch_size", "shard_size"))
     for path in summary.skipped:
         print(f"skipped (unreadable): {path}", file=sys.stderr)
     print(summary.describe())
@@ -43,9 +43,13 @@ def register(commands: argparse._SubParsersAction) -> None:
     prepare.add_argument("inputs", nargs="+", help="volume files, folders (searched recursively) or CSV lists "
                                                    "(a 'path' column)")
     prepare.add_argument("--output", type=Path, required=True, help="folder for the shards and index.json")
-    prepare.add_argument("--image-size", type=int_between(1), default=224, help="slice size in pixels (default 224)")
-    prepare.add_argument("--patch-size", type=int_between(1), default=16, help="the model's patch size (default 16)")
-    prepare.add_argument("--shard-size", type=int_between(1), default=256, help="slices per shard file (default 256)")
+    # Defaults: prepare_slices's.
+    prepare.add_argument("--image-size", type=int_between(1), default=argparse.SUPPRESS,
+                         help="slice size in pixels (default 224)")
+    prepare.add_argument("--patch-size", type=int_between(1), default=argparse.SUPPRESS,
+                         help="the model's patch size (default 16)")
+    prepare.add_argument("--shard-size", type=int_between(1), default=argparse.SUPPRESS,
+                         help="slices per shard file (default 256)")
     prepare.set_defaults(run=run_prepare_slices)
     declare_files(prepare, inputs={"inputs": "file or folder"}, outputs={"output": "folder"})
 

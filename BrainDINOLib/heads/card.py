@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import BrainDINOError
+from ..preprocessing import PreprocessConfig
 from .tasks import TASKS
 
 # Distinct colours for label maps (0 = background is never drawn); cycled past the end.
@@ -81,7 +82,7 @@ class HeadCard:
     layers: tuple[int, ...] = ()  # encoder blocks whose patch tokens it reads (empty: the final output)
     pooling: str = ""  # subject heads: "mean" or "attention"
     modalities: tuple[str, ...] = ()  # subject heads: one input volume per modality, in this order
-    preprocessing: dict[str, Any] = field(default_factory=dict)
+    preprocessing: PreprocessConfig | None = None  # of the features it was fitted on; None: not recorded
     module: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -90,6 +91,8 @@ class HeadCard:
     def __post_init__(self):
         if self.task not in TASKS:
             raise ValueError(f"unknown head task {self.task!r}; expected one of {', '.join(TASKS)}")
+        if isinstance(self.preprocessing, dict):  # as stored in the JSON ({} when not recorded)
+            self.preprocessing = PreprocessConfig.from_dict(self.preprocessing) if self.preprocessing else None
 
     @property
     def class_names(self) -> list[str]:
@@ -105,6 +108,7 @@ class HeadCard:
         data = asdict(self)
         data["layers"] = list(self.layers)
         data["modalities"] = list(self.modalities)
+        data["preprocessing"] = data["preprocessing"] or {}
         return json.dumps(data, indent=2, sort_keys=True)
 
     @classmethod

@@ -84,7 +84,7 @@ def few_shot_segment(features: VolumeFeatures, labels: np.ndarray, slice_indices
     classes = [replace(c, colour=tuple(colours[c.value])) if colours and c.value in colours else c
                for c in make_classes(values, names_for_values(values, class_names))]
     card = HeadCard(task=SEGMENTATION, kind=kind, encoder_id=features.model_id, classes=classes, layers=layers,
-                    preprocessing=features.preprocessing.to_dict(), module=arguments,
+                    preprocessing=features.preprocessing, module=arguments,
                     extra={"fitted_on": source, "labelled_slices": slice_indices, "training": config.to_dict()},
                     description=f"few-shot segmentation from {len(slice_indices)} labelled slices")
     head = Head(card, module.eval())

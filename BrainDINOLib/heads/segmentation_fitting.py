@@ -90,7 +90,7 @@ def fit_segmentation(manifest: Manifest, session: FeatureSession, config: FitCon
                            cancel=cancel)
     card = HeadCard(task=SEGMENTATION, kind=kind, encoder_id=session.encoder.model_id,
                     classes=make_classes(values, names_for_values(values, config.class_names)), layers=layers,
-                    preprocessing=session.preprocessing.to_dict(), module=arguments,
+                    preprocessing=session.preprocessing, module=arguments,
                     extra={"fitted_on": str(manifest.path), "training_cases": len(rows),
                            "resolution": session.policy.to_dict(),
                            "label_fraction": config.label_fraction, "training": config.training.to_dict()},

@@ -60,8 +60,7 @@ class SimilarityIndex:
         if k not in covered:
             raise BrainDINOError(where, f"lies on axial slice {k}, outside the slices with features "
                                         f"({covered.start}..{covered.stop - 1})")
-        row0, col0, rows, cols = self.features.slices.box
-        if not (0 <= j - row0 < rows and 0 <= i - col0 < cols):
+        if not self.features.slices.box_contains(j, i):
             raise BrainDINOError(where, "lies outside the region the model saw (the crop around the head)")
         return k, j, i
 

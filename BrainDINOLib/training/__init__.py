@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_EXPORTS = {"TrainConfig": "config", "load_config": "config", "SliceShards": "shards", "prepare_slices": "shards",
+_EXPORTS = {"PretrainConfig": "config", "load_config": "config", "SliceShards": "shards", "prepare_slices": "shards",
             "PretrainResult": "trainer", "pretrain": "trainer"}
 
 __all__ = sorted(_EXPORTS)

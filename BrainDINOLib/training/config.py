@@ -142,7 +142,7 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class PretrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     crops: CropConfig = field(default_factory=CropConfig)
@@ -194,8 +194,8 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     return replace(defaults, **values)
 
 
-def config_from_dict(data: dict[str, Any]) -> TrainConfig:
-    return _build(TrainConfig, data or {}, "config")
+def config_from_dict(data: dict[str, Any]) -> PretrainConfig:
+    return _build(PretrainConfig, data or {}, "config")
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
@@ -206,7 +206,7 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
-def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> PretrainConfig:
     """Read a YAML config (or start from the defaults) and apply `section.key=value` overrides."""
     data: dict[str, Any] = {}
     if path is not None:

@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 
-from ..cli import OneLineParser, report_errors
+from ..errors import OneLineParser, report_errors
 
 
 def add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:

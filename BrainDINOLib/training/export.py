@@ -20,7 +20,7 @@ def export_teacher(teacher: DistillationNetwork, output_dir: str | Path, name: s
     `teacher_checkpoint.pth` (float32, the teacher layout in Meta's naming, with the DINO and iBOT heads)."""
     output_dir = Path(output_dir)
     architecture = teacher.architecture
-    card = ModelCard(name=name, architecture=architecture, preprocessing=preprocessing.to_dict(),
+    card = ModelCard(name=name, architecture=architecture, preprocessing=preprocessing,
                      provenance=provenance, description=description)
     written = {"safetensors": save_safetensors(teacher.backbone, card, output_dir / f"{name}.safetensors")}
     if teacher_checkpoint:

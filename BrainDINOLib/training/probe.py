@@ -36,15 +36,13 @@ from ..heads.segmentation import soft_targets
 from ..session import FeatureSession
 from ..slices import SliceGeometry, SliceStack
 from ..threads import torch_threads
-from ..upsample import interpolate_slices, window
+from ..upsample import interpolate_slices
 from ..volume import Volume
 from .config import config_from_dict
 from .model import build_network
-from ..tissue import CLASS_NAMES
+from ..tissue import CLASS_NAMES, TISSUE_CLASSES
 
 log = logging.getLogger(__name__)
-
-TISSUES = tuple(range(1, len(CLASS_NAMES)))  # CSF, GM, WM: the classes averaged into the mean Dice
 
 
 @dataclass(frozen=True)
@@ -76,7 +74,7 @@ def raw_patch_features(stack: SliceStack, patch: int) -> Tensor:
 
 def window_labels(mapping: VoxelMapping, labels: np.ndarray, slice_indices: list[int]) -> np.ndarray:
     """Voxel labels [n, rows, cols] of the part of the box inside the volume, on slices `slice_indices`."""
-    _, _, rows, cols = window(mapping.slices)
+    _, _, rows, cols = mapping.slices.window()
     return labels[slice_indices][:, rows, cols]
 
 
@@ -123,8 +121,8 @@ def patch_probe_dice(train: Tensor, test: Tensor, geometry: SliceGeometry, label
 
 
 def _named_dice(predicted: np.ndarray, truth: np.ndarray) -> dict[str, float]:
-    per_class = dice_per_class(predicted, truth, TISSUES)
-    dice = {CLASS_NAMES[c]: per_class.get(c, 0.0) for c in TISSUES}
+    per_class = dice_per_class(predicted, truth, TISSUE_CLASSES)  # mean Dice: CSF, GM, WM
+    dice = {CLASS_NAMES[c]: per_class.get(c, 0.0) for c in TISSUE_CLASSES}
     dice["mean"] = float(np.mean(list(dice.values())))
     return dice
 

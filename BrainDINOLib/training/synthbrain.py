@@ -39,7 +39,7 @@ from scipy import ndimage
 from ..atlas import COLIN27_AAL, COLIN27_T1, LOBES, MNI152_GM, MNI152_WM, aal_names
 from ..slices import PreprocessConfig, foreground_mask
 from ..synthetic import add_rician_noise, bias_field
-from ..tissue import SIGNALS, TISSUES, tissue_fractions
+from ..tissue import SIGNALS, TISSUES, tissue_fractions, tissue_labels
 from ..volume import Volume
 from .config import SyntheticConfig
 
@@ -230,8 +230,7 @@ class SyntheticBrains:
         raw = self._render(fractions, regions, signals, pixel_mm, low_resolution, rng)
         low, high, mean, std = frame.statistics(signals, self.preprocessing.clip_percentiles)
         image = (np.clip(raw, low, high) - mean) / std
-        tissue = np.concatenate([1 - fractions[:3].sum(0, keepdims=True), fractions[:3]]).argmax(0)
-        return SyntheticSlice(torch.from_numpy(image.astype(np.float32))[None], tissue.astype(np.uint8),
+        return SyntheticSlice(torch.from_numpy(image.astype(np.float32))[None], tissue_labels(*fractions[:3]),
                               regions.astype(np.uint8), contrast, raw)
 
     # ---- contrast ----------------------------------------------------------------------------------------

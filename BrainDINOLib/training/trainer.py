@@ -25,11 +25,11 @@ from ..encoder import autocast_for
 from ..errors import BrainDINOError, CancelledError
 from ..slices import PreprocessConfig
 from .batches import StepBatch, StepBatches, StepSlices, collate_single, derive_seed, synthetic_count
-from .config import TrainConfig, config_from_dict
+from .config import PretrainConfig, config_from_dict
 from .distributed import Distributed, setup_distributed, teardown_distributed
 from .export import export_teacher
 from .losses import TeacherTargets, dino_loss, koleo_loss, cross_entropy
-from .metrics import MetricsLog, plot_loss_curves
+from .monitoring import MetricsLog, plot_loss_curves
 from .model import DistillationNetwork, build_network
 from .optim import Schedules, StepValues, apply_step_values, build_optimizer, update_teacher
 from .shards import SliceShards
@@ -53,7 +53,7 @@ class PretrainResult:
 class Losses(torch.nn.Module):
     """The step's losses from student and teacher outputs; holds the teacher-target modules (and centres)."""
 
-    def __init__(self, config: TrainConfig):
+    def __init__(self, config: PretrainConfig):
         super().__init__()
         c = config.loss
         self.config = c
@@ -106,7 +106,7 @@ def training_step(student: torch.nn.Module, teacher: DistillationNetwork, losses
 
 
 def _save_checkpoint(path: Path, step: int, student: DistillationNetwork, teacher: DistillationNetwork,
-                     optimizer: torch.optim.Optimizer, losses: Losses, config: TrainConfig) -> None:
+                     optimizer: torch.optim.Optimizer, losses: Losses, config: PretrainConfig) -> None:
     state = {"format": CHECKPOINT_FORMAT, "step": step, "student_network": student.state_dict(),
              "teacher_network": teacher.state_dict(), "optimizer": optimizer.state_dict(),
              "losses": losses.state_dict(), "config": config.to_dict(),
@@ -116,7 +116,7 @@ def _save_checkpoint(path: Path, step: int, student: DistillationNetwork, teache
 
 
 def _load_checkpoint(path: Path, student: DistillationNetwork, teacher: DistillationNetwork,
-                     optimizer: torch.optim.Optimizer, losses: Losses, config: TrainConfig) -> int:
+                     optimizer: torch.optim.Optimizer, losses: Losses, config: PretrainConfig) -> int:
     state = torch.load(path, map_location="cpu", weights_only=True)
     if state.get("format") != CHECKPOINT_FORMAT:
         raise BrainDINOError(path, f"not a BrainDINO pretraining checkpoint (format {state.get('format')!r})")
@@ -131,7 +131,7 @@ def _load_checkpoint(path: Path, student: DistillationNetwork, teacher: Distilla
     return int(state["step"])
 
 
-def _data_sources(config: TrainConfig) -> tuple[SliceShards | None, SyntheticBrains | None, int, PreprocessConfig]:
+def _data_sources(config: PretrainConfig) -> tuple[SliceShards | None, SyntheticBrains | None, int, PreprocessConfig]:
     """The shards and the synthetic brains a config mixes (None when its weight is 0), how many of a step's
     slices are synthetic, and the preprocessing the slices share."""
     data, batch_size = config.data, config.optim.batch_size
@@ -150,7 +150,7 @@ def _data_sources(config: TrainConfig) -> tuple[SliceShards | None, SyntheticBra
     return shards, synthetic, synthetic_slices, preprocessing
 
 
-def pretrain(config: TrainConfig, resume: bool = False, device: str | None = None,
+def pretrain(config: PretrainConfig, resume: bool = False, device: str | None = None,
              progress: Callable[[int, int], None] | None = None,
              cancel: Callable[[], bool] | None = None) -> PretrainResult:
     """Run (or resume) pretraining as described by `config`, in this process and its torchrun peers."""
@@ -161,7 +161,7 @@ def pretrain(config: TrainConfig, resume: bool = False, device: str | None = Non
         teardown_distributed()
 
 
-def _pretrain(config: TrainConfig, context: Distributed, resume: bool,
+def _pretrain(config: PretrainConfig, context: Distributed, resume: bool,
               progress: Callable[[int, int], None] | None, cancel: Callable[[], bool] | None) -> PretrainResult:
     run, optim = config.run, config.optim
     if run.num_threads:

@@ -1,4 +1,4 @@
-"""Training metrics: a CSV log (one row per logged step), TensorBoard when installed, a loss-curve PNG."""
+"""Monitoring a pretraining run: a CSV log (one row per logged step), TensorBoard when installed, a loss-curve PNG."""
 from __future__ import annotations
 
 import csv
