@@ -15,6 +15,7 @@ import torch
 from BrainDINOLib.cli import build_parser
 from BrainDINOLib.commands.heads import _fit_config
 from BrainDINOLib.heads import FitConfig, Head, HeadCard, HeadTrainingConfig, load_head, save_head
+from BrainDINOLib.preprocessing import PreprocessConfig
 from BrainDINOLib.heads.card import make_classes
 from BrainDINOLib.heads.registry import create_head_module, head_kinds, predictor, tasks_of_kind
 from BrainDINOLib.heads.storage import module_state_equal
@@ -59,7 +60,7 @@ def test_every_head_kind_round_trips_through_its_file(kind, tmp_path):
     values = [0, 1, 4] if task == SEGMENTATION else [0, 1, 2]
     card = HeadCard(task=task, kind=kind, encoder_id="demo:0123abcd", classes=make_classes(values),
                     layers=(2, 5) if task == SEGMENTATION else (), modalities=() if task == SEGMENTATION else
-                    ("image_T1", "image_FLAIR"), preprocessing={"lower_percentile": 0.5}, module=dict(arguments),
+                    ("image_T1", "image_FLAIR"), preprocessing=PreprocessConfig(margin_mm=6.0), module=dict(arguments),
                     extra={"target_mean": 3.5}, metrics={"validation": {"accuracy": 0.75}}, description=kind)
     path = save_head(Head(card, module), tmp_path / f"{kind}.safetensors")
 
