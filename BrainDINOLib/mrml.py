@@ -24,10 +24,11 @@ import vtk
 from vtk.util import numpy_support
 
 from .errors import BrainDINOError
+from .features import Planes
 from .heads.card import ClassInfo
 from .heads.painted import PaintedLabels
 from .heads.painted import painted_labels as painted_from_volume
-from .volume import Geometry, Volume
+from .volume import Geometry, Volume, ras_to_lps
 
 log = logging.getLogger(__name__)
 
@@ -388,3 +389,23 @@ def point_lps(markups_node, index: int, reference) -> np.ndarray:
     reference.TransformPointFromWorld(world, local)
     return RAS_FROM_LPS @ np.asarray(local, dtype=np.float64)
 
+
+
+def displayed_planes(slice_nodes: Sequence, geometry: Geometry) -> Planes | None:
+    """The canonical voxel planes of a volume on `geometry` that `slice_nodes` show: each slice lies in one voxel
+    plane, or between two (both: the views interpolate), of the axis it is normal to. None if a slice is oblique
+    to the voxel grid (it crosses every plane)."""
+    found: tuple[set[int], set[int], set[int]] = (set(), set(), set())
+    for node in slice_nodes:
+        matrix = node.GetSliceToRAS()
+        centre_ras = np.array([matrix.GetElement(r, 3) for r in range(3)])
+        normal_ras = np.array([matrix.GetElement(r, 2) for r in range(3)])
+        centre, ahead = geometry.lps_to_index(ras_to_lps(np.stack([centre_ras, centre_ras + normal_ras])))
+        step = ahead - centre
+        axis = int(np.argmax(np.abs(step)))
+        if np.abs(np.delete(step, axis)).max() > 1e-6 * abs(step[axis]):
+            return None
+        size = geometry.size[::-1][axis]  # (k, j, i) order
+        found[axis].update(p for p in {int(np.floor(centre[axis] + 1e-4)), int(np.ceil(centre[axis] - 1e-4))}
+                           if 0 <= p < size)
+    return Planes(*(tuple(sorted(planes)) for planes in found))
