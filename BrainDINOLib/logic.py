@@ -378,14 +378,6 @@ class BrainDINOLogic:
         with torch_threads(SIMILARITY_THREADS):
             return self._similarity_index(features).map_planes(point_lps, planes)
 
-    def prepare_similarity(self, features: VolumeFeatures, cancel: Cancel | None = None) -> None:
-        """Build the similarity index of `features` and its upsampling weights now (after the features, so the
-        first click is as fast as the next)."""
-        from .threads import torch_threads
-
-        with torch_threads(SIMILARITY_THREADS):
-            self._similarity_index(features).prepare(cancel)
-
     def _similarity_index(self, features: VolumeFeatures):
         from .maps import SimilarityIndex
 

@@ -144,6 +144,23 @@ def _vtk_image(array: np.ndarray) -> vtk.vtkImageData:
     return image
 
 
+def _write_in_place(node, array: np.ndarray) -> bool:
+    """Write voxels [k, j, i(, C)] into the node's own image if it has that shape and type (a map shown again for
+    a new point): no new image for the views to take up, only new values. False if it cannot."""
+    image = node.GetImageData()
+    scalars = image.GetPointData().GetScalars() if image is not None else None
+    components = array.shape[3] if array.ndim == 4 else 1
+    if scalars is None or image.GetDimensions() != array.shape[2::-1] or array.dtype == bool \
+            or scalars.GetNumberOfComponents() != components \
+            or scalars.GetDataType() != numpy_support.get_vtk_array_type(array.dtype):
+        return False
+    numpy_support.vtk_to_numpy(scalars).reshape(-1, components)[:] = array.reshape(-1, components)
+    scalars.Modified()
+    image.Modified()
+    node.Modified()  # what slice views observe to draw the new values
+    return True
+
+
 def volume_to_node(volume: Volume, scene=None, name: str = "", class_name: str = "vtkMRMLScalarVolumeNode",
                    node=None, reference=None):
     """Put a `Volume` (or map) into a volume node on its stored grid; reuse `node` if given.
@@ -156,7 +173,9 @@ def volume_to_node(volume: Volume, scene=None, name: str = "", class_name: str =
     elif name:
         node.SetName(name)
     image = volume.to_stored_image()
-    node.SetAndObserveImageData(_vtk_image(sitk.GetArrayFromImage(image)))
+    array = sitk.GetArrayViewFromImage(image)  # a view: `image` stays alive while it is read
+    if not _write_in_place(node, array):
+        node.SetAndObserveImageData(_vtk_image(array))
     set_node_geometry(node, Geometry.of(image))
     if reference is not None:
         node.SetAndObserveTransformNodeID(reference.GetTransformNodeID())

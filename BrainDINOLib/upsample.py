@@ -271,11 +271,6 @@ class InplaneUpsampler:
             self.weights = GuidedWeights(geometry, guide, self.row_taps, self.col_taps, self.rows, self.cols, params,
                                          upscale, keep_weights_mib)
 
-    def prepare(self, slice_indices: Sequence[int]) -> None:
-        """Compute the weights of `slice_indices` now, if this upsampler keeps them (else nothing to do)."""
-        if self.method == "guided":
-            self.weights(slice_indices)
-
     def __call__(self, cells: Tensor, slice_indices: Sequence[int], rows: slice = slice(None),
                  cols: slice = slice(None)) -> Tensor:
         """Maps [n, K, gh, gw] of voxel slices `slice_indices` -> [n, K, window rows, window cols] float32, or

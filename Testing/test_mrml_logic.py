@@ -141,6 +141,12 @@ def test_similarity_on_the_planes_the_views_show(scene, logic, t1_node, features
     on_planes[25], on_planes[:, [40, 41]], on_planes[:, :, 30] = True, True, True
     np.testing.assert_array_equal(shown[on_planes], whole[on_planes])
     assert not shown[~on_planes].any()
+    # Shown again in the same node, a map's new values go into the node's own image.
+    node = logic.show_similarity(logic.similarity_map(features, point), t1_node)
+    image = node.GetImageData()
+    logic.show_similarity(Volume(shown, volume.geometry, volume.stored), t1_node, node)
+    assert node.GetImageData() is image
+    np.testing.assert_array_equal(mrml.volume_from_node(node).array, shown)
     oblique = slice_node(scene, (0, 0.6, 0.8), ras)
     assert mrml.displayed_planes([*nodes, oblique], volume.geometry) is None
     for node in [*nodes, oblique]:

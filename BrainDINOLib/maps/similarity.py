@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import BrainDINOError, CancelledError
-from ..features import MAP_CHUNK, Planes, VolumeFeatures
+from ..errors import BrainDINOError
+from ..features import Planes, VolumeFeatures
 from ..upsample import slice_interpolation
 from ..volume import Geometry, Volume
 
@@ -119,15 +119,6 @@ class SimilarityIndex:
             cancel: Callable[[], bool] | None = None) -> Volume:
         """Similarity of every voxel to the feature at `point_lps` (LPS mm)."""
         return self.map_query(self.query(point_lps), cancel)
-
-    def prepare(self, cancel: Callable[[], bool] | None = None) -> None:
-        """Compute the upsampling weights `map` keeps now (a viewer does this once the features are there, so its
-        first map is as fast as the next). `CancelledError` once `cancel()`."""
-        covered = list(self.features.covered)
-        for start in range(0, len(covered), MAP_CHUNK):
-            if cancel is not None and cancel():
-                raise CancelledError(self.features.source or "similarity")
-            self.upsampler.prepare(covered[start:start + MAP_CHUNK])
 
     def map_planes(self, point_lps: np.ndarray | tuple[float, float, float], planes: Planes) -> Volume:
         """`map(point_lps)` on `planes` only (equal there), 0 elsewhere: what three slice views show of it."""
