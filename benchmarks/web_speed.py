@@ -44,15 +44,13 @@ def rss_mib(pid: int) -> float:
 def one_run(setting: str, clicks: int, code: Path | None = None) -> dict:
     """Start a server with `setting` (extra serve options), with the engine in `code` if given (else this one),
     drive it, and return what was measured."""
-    saved = os.environ.pop("PYTHONPATH", None)
+    here = Path.cwd()
     if code:
-        os.environ["PYTHONPATH"] = str(code)  # the server is `python -m BrainDINOLib.cli serve`: this finds it first
+        os.chdir(code)  # the server is `python -m BrainDINOLib.cli serve`, which imports from its folder first
     try:
         return {**measure(setting, clicks), "code": str(code) if code else "this checkout"}
     finally:
-        os.environ.pop("PYTHONPATH", None)
-        if saved is not None:
-            os.environ["PYTHONPATH"] = saved
+        os.chdir(here)
 
 
 def measure(setting: str, clicks: int) -> dict:
