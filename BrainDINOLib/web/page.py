@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 SAMPLE_NAME = "sample: Colin27 T1 (bundled)"
 AS_STARTED = "as started"  # the resolution the command line asked for
 FOREGROUNDS = {"pca": "PCA colours", "similarity": "similarity", "attention": "attention"}
+# A click's similarity is shown on the views' planes first; the whole volume's follows this long after, so its work
+# does not hold up the drawing of those planes (measured: about 1 s more per click to the picture on a 2-core CPU).
+WHOLE_MAP_DELAY_S = 1.0
 
 
 def rss_mib() -> int:
@@ -80,8 +83,11 @@ class BrainDINOPage:
         self.classes: dict[str, tuple] = {}  # class tables of the label volumes in `maps`
         self.point_lps: np.ndarray | None = None  # the last similarity point
         self._model_key: tuple | None = None  # (model, resolution) the Logic's session was opened with
+        # The loaded volume's features by blocks asked for, under that model: (volume, {layers: features}).
+        self._held: tuple[Volume | None, dict[tuple[int, ...], Any]] = (None, {})
         self._wanted_point: tuple[str, np.ndarray] | None = None  # (view, RAS) of the newest click not mapped yet
         self._whole_similarity: np.ndarray | None = None  # LPS point whose whole-volume map should follow
+        self._whole_timer: asyncio.TimerHandle | None = None
         self._similarity_running = False
 
         files = self.data.model_files()
@@ -223,7 +229,14 @@ class BrainDINOPage:
                 open_model(self.logic, source, self.config.device, self._policy, self.config.batch_size,
                            self.config.precision)
                 self._model_key = (source, resolution)
-            return then(self.logic.features(volume, layers_for(), progress, cancel), progress, cancel)
+                self._held = (None, {})
+            layers = layers_for()
+            held_volume, held = self._held
+            features = held.get(layers) if held_volume is volume else None
+            if features is None:  # the Logic finds them by a hash of the voxels: tens of ms a click, saved here
+                features = self.logic.features(volume, layers, progress, cancel)
+                self._held = (volume, {**(held if held_volume is volume else {}), layers: features})
+            return then(features, progress, cancel)
 
         def done(result) -> None:
             self.state.model_info = self.logic.describe_model()
@@ -307,22 +320,23 @@ class BrainDINOPage:
             self._next_similarity()
 
     def _next_similarity(self) -> None:
-        """The newest clicked point's similarity on the planes the views show, at once; then, unless another click
-        came meanwhile, on the whole volume (for scrolling and saving)."""
+        """The newest clicked point's similarity on the planes the views show, at once; the whole volume's (for
+        scrolling and saving) once the views have drawn the planes, unless another click came meanwhile."""
         if self._wanted_point is not None:
             (view, ras), self._wanted_point = self._wanted_point, None
             self._similarity_on_planes(view, ras)
-        elif self._whole_similarity is not None:
-            point, self._whole_similarity = self._whole_similarity, None
-            self._similarity_everywhere(point)
-        else:
-            self._similarity_running = False
+            return
+        self._similarity_running = False
+        if self._whole_similarity is not None:
+            if self._whole_timer is not None:
+                self._whole_timer.cancel()
+            self._whole_timer = asyncio.get_running_loop().call_later(WHOLE_MAP_DELAY_S, self._similarity_everywhere)
 
     def _similarity_on_planes(self, view: str, ras: np.ndarray) -> None:
         self._similarity_running = True
         lps = ras_to_lps(ras)
         clicked = time.perf_counter()
-        planes = mrml.displayed_planes([v.get_view_node() for v in self.views.views()], self._require_volume().geometry)
+        planes = self.views.displayed_planes(self._require_volume().geometry)
 
         def then(features, progress, cancel):
             started = time.perf_counter()
@@ -351,8 +365,13 @@ class BrainDINOPage:
             self._next_similarity()
         self._similarity_job("similarity", then, show)
 
-    def _similarity_everywhere(self, lps: np.ndarray) -> None:
+    def _similarity_everywhere(self) -> None:
         """The whole volume's map of the last point; given up as soon as another click waits."""
+        self._whole_timer = None
+        if self._similarity_running or self._whole_similarity is None:
+            return
+        lps, self._whole_similarity = self._whole_similarity, None
+        self._similarity_running = True
         started = time.perf_counter()
 
         def then(features, progress, cancel):
