@@ -208,7 +208,7 @@ class GuidedWeights:
             self._kept[torch.from_numpy(missing)] = self.compute(missing + self.first)
             self._ready[missing] = True
         run = np.array_equal(positions, np.arange(positions[0], positions[0] + len(positions)))
-        kept = self._kept[positions[0]:positions[0] + len(positions)] if run else self._kept[torch.from_numpy(positions)]
+        kept = self._kept[positions[0]:positions[-1] + 1] if run else self._kept[torch.from_numpy(positions)]
         if whole:
             return kept
         (r0, c0), (r, c) = (self.blocks_r.start, self.blocks_c.start), (blocks_r, blocks_c)
@@ -225,8 +225,9 @@ class GuidedWeights:
         cell_guide = self._cell_guide[torch.from_numpy(np.asarray(slice_indices))]  # [n, gh, gw]
         # The guide's voxels of the blocks, [n, blocks_r, blocks_c, block_r, block_c] (edge voxels repeated past
         # the box's last row and column).
-        rows = np.minimum(np.arange(blocks_r.start * rows_t.block, blocks_r.stop * rows_t.block), self.guide.shape[1] - 1)
-        cols = np.minimum(np.arange(blocks_c.start * cols_t.block, blocks_c.stop * cols_t.block), self.guide.shape[2] - 1)
+        last_row, last_col = self.guide.shape[1] - 1, self.guide.shape[2] - 1
+        rows = np.minimum(np.arange(blocks_r.start * rows_t.block, blocks_r.stop * rows_t.block), last_row)
+        cols = np.minimum(np.arange(blocks_c.start * cols_t.block, blocks_c.stop * cols_t.block), last_col)
         voxels = self._guide(np.ix_(np.asarray(slice_indices), rows, cols))
         voxels = voxels.reshape(n, len(rows) // rows_t.block, rows_t.block, len(cols) // cols_t.block,
                                 cols_t.block).permute(0, 1, 3, 2, 4)

@@ -8,11 +8,12 @@ with f = (1 - t) a + t b between embedded tokens a and b,
     <q, f> = (1 - t) <q, a> + t <q, b>,      |f|^2 = (1 - t)^2 |a|^2 + 2 t (1 - t) <a, b> + t^2 |b|^2
 
 so `SimilarityIndex` keeps |a|^2 and <a, b> of neighbouring embedded slices, and a new point costs one
-matrix-vector product over the embedded tokens plus one upsampling of a one-channel map. The index also keeps
-the guided upsampling's weights (they depend on the image only), and maps the planes a viewer shows
-(`map_planes`) in a small part of the whole volume's time: a click's map is on screen before the rest follows. The query is the
+matrix-vector product over the embedded tokens plus one upsampling of a one-channel map. The query is the
 feature at the point's voxel (across slices as above, bilinear between the four nearest cells in-plane).
 The map lies in [-1, 1], and near 1 around the point.
+
+The index also keeps the guided upsampling's weights (they depend on the image only), and maps the planes a
+viewer shows (`map_planes`) in a small part of the whole volume's time: a click's map is on screen first.
 """
 from __future__ import annotations
 
