@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from .atomic import atomic_path
-from .errors import BrainDINOError
+from .errors import BrainDINOError, CancelledError
 from .resolution import ResolutionPolicy
 from .slices import PreprocessConfig, SliceGeometry, crop_box
 from .upsample import InplaneUpsampler, cell_means, interpolate_slices
@@ -32,6 +32,16 @@ CHECKSUM_KEY = "braindino_content_sha256"
 MAP_CHUNK = 16
 
 CellMaps = Callable[[Sequence[int]], Tensor]  # voxel slices -> per-cell maps [n, K, gh, gw]
+
+
+@dataclass(frozen=True)
+class Planes:
+    """Planes of a volume's canonical voxel grid: axial slices k, coronal rows j, sagittal columns i (what
+    the three slice views of a viewer show)."""
+
+    axial: tuple[int, ...] = ()
+    coronal: tuple[int, ...] = ()
+    sagittal: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -50,22 +60,27 @@ class VoxelMapping:
     def covered(self) -> range:
         return self.slices.covered
 
-    def upsampler(self, upscale: int = 1) -> InplaneUpsampler:
-        """The in-plane upsampler of these features' policy (bilinear or guided by the image)."""
-        return InplaneUpsampler(self.slices, self.guide, self.upsampling, upscale)
+    def upsampler(self, upscale: int = 1, keep_weights_mib: float = 0.0) -> InplaneUpsampler:
+        """The in-plane upsampler of these features' policy (bilinear or guided by the image); one that maps
+        many maps of these features keeps its guided weights up to `keep_weights_mib` (see `InplaneUpsampler`)."""
+        return InplaneUpsampler(self.slices, self.guide, self.upsampling, upscale, keep_weights_mib=keep_weights_mib)
 
     def map_volume(self, cell_maps: CellMaps, upscale: int = 1, fill: float = 0.0,
-                   reduce: Callable[[Tensor], Tensor] | None = None, squeeze: bool = False) -> Volume:
+                   reduce: Callable[[Tensor], Tensor] | None = None, squeeze: bool = False,
+                   upsampler: InplaneUpsampler | None = None, cancel: Callable[[], bool] | None = None) -> Volume:
         """Compute a map slice by slice: `cell_maps(voxel slices)` gives [n, K, gh * upscale, gw * upscale] per
-        voxel slice of `covered`; each is upsampled to the voxels and, if given, `reduce`d ([n, K, rows, cols]
-        -> [n, rows, cols], e.g. an arg-max). A float32 (or `reduce`'s dtype) `Volume` [Z, Y, X, K] ([Z, Y, X] with
-        `reduce` or `squeeze` of a one-channel map) on the input grid; voxels without features (slices outside
-        `covered`, outside the box) hold `fill`."""
-        upsample = self.upsampler(upscale)
+        voxel slice of `covered`; each is upsampled to the voxels (by `upsampler`, else a new one of the policy)
+        and, if given, `reduce`d ([n, K, rows, cols] -> [n, rows, cols], e.g. an arg-max). A float32 (or
+        `reduce`'s dtype) `Volume` [Z, Y, X, K] ([Z, Y, X] with `reduce` or `squeeze` of a one-channel map) on the
+        input grid; voxels without features (slices outside `covered`, outside the box) hold `fill`.
+        `CancelledError` as soon as `cancel()` says so (checked between chunks of slices)."""
+        upsample = upsampler or self.upsampler(upscale)
         _, _, rows, cols = self.slices.window()
         covered = list(self.covered)
         out = None
         for start in range(0, len(covered), MAP_CHUNK):
+            if cancel is not None and cancel():
+                raise CancelledError(self.source or "map")
             chunk = covered[start:start + MAP_CHUNK]
             voxels = upsample(cell_maps(chunk), chunk)
             voxels = reduce(voxels) if reduce is not None else voxels.permute(0, 2, 3, 1)
@@ -75,6 +90,31 @@ class VoxelMapping:
             out[chunk[0]:chunk[-1] + 1, rows, cols] = voxels.numpy()
         if squeeze:
             out = out[..., 0]
+        return Volume(out, self.geometry, self.stored, self.source)
+
+    def map_planes(self, cell_maps: CellMaps, planes: Planes, upsampler: InplaneUpsampler | None = None,
+                   fill: float = 0.0) -> Volume:
+        """A one-channel map on some planes only: the voxels of `map_volume(cell_maps, squeeze=True)` on `planes`
+        (equal to them), `fill` everywhere else. A viewer's three planes cost a small part of the whole volume."""
+        upsample = upsampler or self.upsampler()
+        _, _, rows, cols = self.slices.window()
+        out = np.full(self.slices.volume_shape, fill, dtype=np.float32)
+        axial = [k for k in planes.axial if k in self.covered]
+        if axial:
+            out[axial, rows, cols] = upsample(cell_maps(axial), axial)[:, 0].numpy()
+        lines = [(j - rows.start, None) for j in planes.coronal if rows.start <= j < rows.stop] + \
+                [(None, i - cols.start) for i in planes.sagittal if cols.start <= i < cols.stop]
+        if not lines:
+            return Volume(out, self.geometry, self.stored, self.source)
+        covered = list(self.covered)
+        cells = cell_maps(covered)
+        for row, col in lines:
+            if row is not None:
+                values = upsample(cells, covered, rows=slice(row, row + 1))[:, 0, 0]
+                out[covered[0]:covered[-1] + 1, rows.start + row, cols] = values.numpy()
+            else:
+                values = upsample(cells, covered, cols=slice(col, col + 1))[:, 0, :, 0]
+                out[covered[0]:covered[-1] + 1, rows, cols.start + col] = values.numpy()
         return Volume(out, self.geometry, self.stored, self.source)
 
     def to_volume(self, per_slice: Tensor | np.ndarray, fill: float = 0.0) -> Volume:
@@ -175,9 +215,15 @@ class VolumeFeatures:
         return VoxelMapping(self.slices, self.guide, self.policy.upsampling, self.geometry, self.stored, self.source)
 
     def map_volume(self, cell_maps: CellMaps, upscale: int = 1, fill: float = 0.0,
-                   reduce: Callable[[Tensor], Tensor] | None = None, squeeze: bool = False) -> Volume:
+                   reduce: Callable[[Tensor], Tensor] | None = None, squeeze: bool = False,
+                   upsampler: InplaneUpsampler | None = None, cancel: Callable[[], bool] | None = None) -> Volume:
         """See `VoxelMapping.map_volume`."""
-        return self.mapping.map_volume(cell_maps, upscale, fill, reduce, squeeze)
+        return self.mapping.map_volume(cell_maps, upscale, fill, reduce, squeeze, upsampler, cancel)
+
+    def map_planes(self, cell_maps: CellMaps, planes: Planes, upsampler: InplaneUpsampler | None = None,
+                   fill: float = 0.0) -> Volume:
+        """See `VoxelMapping.map_planes`."""
+        return self.mapping.map_planes(cell_maps, planes, upsampler, fill)
 
     def to_volume(self, per_slice: Tensor | np.ndarray, fill: float = 0.0) -> Volume:
         """See `VoxelMapping.to_volume`."""

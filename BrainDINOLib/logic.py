@@ -44,7 +44,7 @@ __all__ = ["BrainDINOError", "BrainDINOLogic", "CancelledError", "CaseSet", "Fit
 if TYPE_CHECKING:
     from .cache import FeatureCache
     from .encoder import Encoder
-    from .features import VolumeFeatures
+    from .features import Planes, VolumeFeatures
     from .heads import Head
     from .heads.fewshot import FewShotResult
     from .heads.painted import PaintedLabels
@@ -56,6 +56,10 @@ log = logging.getLogger(__name__)
 
 OUTPUT_ATTRIBUTE = "BrainDINO.output"  # set on the nodes the Logic makes (maps, segmentations), never on inputs
 DEFAULT_CACHE = "default"  # `BrainDINOLogic(cache=...)`: the shared disk cache ($BRAINDINO_CACHE, ~/.cache/braindino)
+# Torch threads for similarity maps: their operations are small and memory-bound, and a second thread lost far
+# more to OpenMP synchronisation than it gained on a shared 2-core machine (benchmarks/similarity_speed.py); one
+# thread also leaves a core to the viewer's rendering while the rest of a map is computed.
+SIMILARITY_THREADS = 1
 
 # What the fine-tuning panel offers: label -> (fit-head --task, --kind).
 HEAD_CHOICES: dict[str, tuple[str, str]] = {
@@ -287,7 +291,7 @@ class BrainDINOLogic:
         self.session: FeatureSession | None = None
         self.model_source: str = ""
         self.process: ChildProcess | None = None  # the running child process, if any
-        self._similarity: tuple[int, Any] | None = None  # (id of the features, SimilarityIndex)
+        self._similarity: tuple[VolumeFeatures, Any] | None = None  # (features, their SimilarityIndex)
 
     def shutdown(self) -> None:
         """Stop the worker thread and any child process (the front end is closing)."""
@@ -359,13 +363,27 @@ class BrainDINOLogic:
 
         return pca_map(features, components=3).rgb
 
-    def similarity_map(self, features: VolumeFeatures, point_lps) -> Volume:
-        """Similarity to `point_lps` (LPS mm); the index is kept, so dragging the point is fast."""
+    def similarity_map(self, features: VolumeFeatures, point_lps, cancel: Cancel | None = None) -> Volume:
+        """Similarity to `point_lps` (LPS mm); the index and its upsampling weights are kept, so the next point is
+        fast. `CancelledError` once `cancel()` (checked between chunks of slices)."""
+        from .threads import torch_threads
+
+        with torch_threads(SIMILARITY_THREADS):
+            return self._similarity_index(features).map(point_lps, cancel)
+
+    def similarity_planes(self, features: VolumeFeatures, point_lps, planes: Planes) -> Volume:
+        """`similarity_map` on the planes three slice views show (0 elsewhere), in a fraction of its time."""
+        from .threads import torch_threads
+
+        with torch_threads(SIMILARITY_THREADS):
+            return self._similarity_index(features).map_planes(point_lps, planes)
+
+    def _similarity_index(self, features: VolumeFeatures):
         from .maps import SimilarityIndex
 
-        if self._similarity is None or self._similarity[0] != id(features):
-            self._similarity = (id(features), SimilarityIndex(features))
-        return self._similarity[1].map(point_lps)
+        if self._similarity is None or self._similarity[0] is not features:
+            self._similarity = (features, SimilarityIndex(features))
+        return self._similarity[1]
 
     def attention_map(self, volume: Volume, progress: Progress | None = None, cancel: Cancel | None = None) -> Volume:
         from .maps import attention_map

@@ -24,10 +24,11 @@ import vtk
 from vtk.util import numpy_support
 
 from .errors import BrainDINOError
+from .features import Planes
 from .heads.card import ClassInfo
 from .heads.painted import PaintedLabels
 from .heads.painted import painted_labels as painted_from_volume
-from .volume import Geometry, Volume
+from .volume import Geometry, Volume, ras_to_lps
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +143,23 @@ def _vtk_image(array: np.ndarray) -> vtk.vtkImageData:
     return image
 
 
+def _write_in_place(node, array: np.ndarray) -> bool:
+    """Write voxels [k, j, i(, C)] into the node's own image if it has that shape and type (a map shown again for
+    a new point): no new image for the views to take up, only new values. False if it cannot."""
+    image = node.GetImageData()
+    scalars = image.GetPointData().GetScalars() if image is not None else None
+    components = array.shape[3] if array.ndim == 4 else 1
+    if scalars is None or image.GetDimensions() != array.shape[2::-1] or array.dtype == bool \
+            or scalars.GetNumberOfComponents() != components \
+            or scalars.GetDataType() != numpy_support.get_vtk_array_type(array.dtype):
+        return False
+    numpy_support.vtk_to_numpy(scalars).reshape(-1, components)[:] = array.reshape(-1, components)
+    scalars.Modified()
+    image.Modified()
+    node.Modified()  # what slice views observe to draw the new values
+    return True
+
+
 def volume_to_node(volume: Volume, scene=None, name: str = "", class_name: str = "vtkMRMLScalarVolumeNode",
                    node=None, reference=None):
     """Put a `Volume` (or map) into a volume node on its stored grid; reuse `node` if given.
@@ -154,7 +172,9 @@ def volume_to_node(volume: Volume, scene=None, name: str = "", class_name: str =
     elif name:
         node.SetName(name)
     image = volume.to_stored_image()
-    node.SetAndObserveImageData(_vtk_image(sitk.GetArrayFromImage(image)))
+    array = sitk.GetArrayViewFromImage(image)  # a view: `image` stays alive while it is read
+    if not _write_in_place(node, array):
+        node.SetAndObserveImageData(_vtk_image(array))
     set_node_geometry(node, Geometry.of(image))
     if reference is not None:
         node.SetAndObserveTransformNodeID(reference.GetTransformNodeID())
@@ -387,3 +407,23 @@ def point_lps(markups_node, index: int, reference) -> np.ndarray:
     reference.TransformPointFromWorld(world, local)
     return RAS_FROM_LPS @ np.asarray(local, dtype=np.float64)
 
+
+
+def displayed_planes(slice_nodes: Sequence, geometry: Geometry) -> Planes | None:
+    """The canonical voxel planes of a volume on `geometry` that `slice_nodes` show: each slice lies in one voxel
+    plane, or between two (both: the views interpolate), of the axis it is normal to. None if a slice is oblique
+    to the voxel grid (it crosses every plane)."""
+    found: tuple[set[int], set[int], set[int]] = (set(), set(), set())
+    for node in slice_nodes:
+        matrix = node.GetSliceToRAS()
+        centre_ras = np.array([matrix.GetElement(r, 3) for r in range(3)])
+        normal_ras = np.array([matrix.GetElement(r, 2) for r in range(3)])
+        centre, ahead = geometry.lps_to_index(ras_to_lps(np.stack([centre_ras, centre_ras + normal_ras])))
+        step = ahead - centre
+        axis = int(np.argmax(np.abs(step)))
+        if np.abs(np.delete(step, axis)).max() > 1e-6 * abs(step[axis]):
+            return None
+        size = geometry.size[::-1][axis]  # (k, j, i) order
+        found[axis].update(p for p in {int(np.floor(centre[axis] + 1e-4)), int(np.ceil(centre[axis] - 1e-4))}
+                           if 0 <= p < size)
+    return Planes(*(tuple(sorted(planes)) for planes in found))

@@ -18,6 +18,7 @@ upsampled, never D-dimensional features (a 1-mm brain is ~7 M voxels).
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -136,15 +137,114 @@ class AxisTaps:
         return padded.unfold(dim, self.taps, self.cells)
 
 
+def _block_range(voxels: slice, block: int) -> slice:
+    """The blocks of `block` voxels that cover the voxel range `voxels`."""
+    return slice(voxels.start // block, -(-voxels.stop // block))
+
+
+class GuidedWeights:
+    """The joint bilateral weights of a volume's voxels: [n, blocks_r, blocks_c, block_r, block_c, taps_r, taps_c]
+    per voxel slice, each voxel's taps summing to 1.
+
+    Only the blocks that hold voxels of the volume (the box's `rows` x `cols`, in box voxels) are made: block
+    indices are those of the whole box, these are `blocks_r` x `blocks_c` of them.
+
+    They depend on the image (the guide) only, never on the map being upsampled, and cost several times more
+    than applying them: with `keep_mib` > 0 the weights of whole slices are kept once computed (36 bytes per
+    voxel; the first slices of `covered` that fit), so every later map of the same volume only applies them."""
+
+    def __init__(self, geometry: SliceGeometry, guide: np.ndarray, row_taps: AxisTaps, col_taps: AxisTaps,
+                 rows: slice, cols: slice, params: GuidedUpsampling, upscale: int = 1, keep_mib: float = 0.0):
+        self.geometry, self.guide, self.params, self.upscale = geometry, guide, params, upscale
+        self.row_taps, self.col_taps = row_taps, col_taps
+        self.blocks_r, self.blocks_c = _block_range(rows, row_taps.block), _block_range(cols, col_taps.block)
+        self.shape = (self.blocks_r.stop - self.blocks_r.start, self.blocks_c.stop - self.blocks_c.start,
+                      row_taps.block, col_taps.block, row_taps.taps, col_taps.taps)
+        slice_bytes = 4 * math.prod(self.shape)
+        self.first = geometry.covered.start
+        self.kept_slices = min(len(geometry.covered), int(keep_mib * 2**20 // slice_bytes))
+        self._kept: Tensor | None = None  # [kept_slices, *shape], allocated on first use
+        self._ready = np.zeros(self.kept_slices, dtype=bool)
+        self._cell_guide: Tensor | None = None  # mean guide intensity of every cell of every slice [Z, gh, gw]
+
+    @property
+    def kept_count(self) -> int:
+        """How many slices' weights are kept now."""
+        return int(self._ready.sum())
+
+    @property
+    def kept_bytes(self) -> int:
+        """Memory the kept weights take (once allocated)."""
+        return 0 if self._kept is None else self._kept.numel() * self._kept.element_size()
+
+    def __call__(self, slice_indices: Sequence[int], blocks_r: slice | None = None,
+                 blocks_c: slice | None = None) -> Tensor:
+        """The weights of voxel slices `slice_indices`: of all the volume's blocks, or of `blocks_r` x `blocks_c`.
+
+        Whole slices are kept (when they fit); a request for some blocks of slices not kept yet computes just
+        those blocks (one line of voxels across all slices is fast before the volume's weights are kept)."""
+        whole = blocks_r is None and blocks_c is None
+        blocks_r, blocks_c = blocks_r or self.blocks_r, blocks_c or self.blocks_c
+        slice_indices = np.asarray(slice_indices)
+        positions = slice_indices - self.first
+        keepable = bool(len(positions)) and positions.min() >= 0 and positions.max() < self.kept_slices
+        if not keepable:
+            return self.compute(slice_indices, blocks_r, blocks_c)
+        missing = positions[~self._ready[positions]]
+        if len(missing) and not whole:
+            return self.compute(slice_indices, blocks_r, blocks_c)
+        if len(missing):
+            if self._kept is None:
+                self._kept = torch.empty(self.kept_slices, *self.shape)
+            self._kept[torch.from_numpy(missing)] = self.compute(missing + self.first)
+            self._ready[missing] = True
+        run = np.array_equal(positions, np.arange(positions[0], positions[0] + len(positions)))
+        kept = self._kept[positions[0]:positions[-1] + 1] if run else self._kept[torch.from_numpy(positions)]
+        if whole:
+            return kept
+        (r0, c0), (r, c) = (self.blocks_r.start, self.blocks_c.start), (blocks_r, blocks_c)
+        return kept[:, r.start - r0:r.stop - r0, c.start - c0:c.stop - c0]
+
+    def compute(self, slice_indices: Sequence[int], blocks_r: slice | None = None,
+                blocks_c: slice | None = None) -> Tensor:
+        """The weights from the guide, contiguous float32 (see the class docstring for the layout)."""
+        blocks_r, blocks_c = blocks_r or self.blocks_r, blocks_c or self.blocks_c
+        rows_t, cols_t = self.row_taps, self.col_taps
+        n = len(slice_indices)
+        if self._cell_guide is None:  # small, and the whole slice's cells even for a few blocks
+            self._cell_guide = cell_means(self._guide(slice(None))[:, None], self.geometry, self.upscale)[:, 0]
+        cell_guide = self._cell_guide[torch.from_numpy(np.asarray(slice_indices))]  # [n, gh, gw]
+        # The guide's voxels of the blocks, [n, blocks_r, blocks_c, block_r, block_c] (edge voxels repeated past
+        # the box's last row and column).
+        last_row, last_col = self.guide.shape[1] - 1, self.guide.shape[2] - 1
+        rows = np.minimum(np.arange(blocks_r.start * rows_t.block, blocks_r.stop * rows_t.block), last_row)
+        cols = np.minimum(np.arange(blocks_c.start * cols_t.block, blocks_c.stop * cols_t.block), last_col)
+        voxels = self._guide(np.ix_(np.asarray(slice_indices), rows, cols))
+        voxels = voxels.reshape(n, len(rows) // rows_t.block, rows_t.block, len(cols) // cols_t.block,
+                                cols_t.block).permute(0, 1, 3, 2, 4)
+        taps_guide = cols_t.unfold(rows_t.unfold(cell_guide, 1), 2)  # [n, blocks_r, blocks_c, taps_r, taps_c]
+        taps_guide = taps_guide[:, blocks_r, blocks_c]
+        spatial = rows_t.weights[:, None, :, None] * cols_t.weights[None, :, None, :]  # [block_r, block_c, t_r, t_c]
+        weights = (voxels[..., None, None] - taps_guide[:, :, :, None, None]).contiguous()  # intensity differences:
+        weights.square_().mul_(-0.5 / self.params.sigma_intensity ** 2).exp_().mul_(spatial)
+        weights /= weights.sum(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        return weights
+
+    def _guide(self, index) -> Tensor:
+        """Normalised intensities of the guide's voxels `guide[index]` (float32)."""
+        return torch.from_numpy(self.guide[index]).float() / GUIDE_SCALE
+
+
 class InplaneUpsampler:
     """Per-cell maps of voxel slices -> voxel maps on the window of the box inside the volume.
 
     `guide` is the stack's uint8 guide [Z, rows, cols]; `upscale` > 1 serves heads that predict on a grid
     finer than the tokens (the decoder head). Bilinear upsampling is two small matrix products per map;
-    guided upsampling works in blocks of voxels that share their pattern of spatial weights (`AxisTaps`)."""
+    guided upsampling works in blocks of voxels that share their pattern of spatial weights (`AxisTaps`), with
+    weights that an upsampler made for many maps of one volume keeps (`keep_weights_mib`, see `GuidedWeights`)."""
 
     def __init__(self, geometry: SliceGeometry, guide: np.ndarray | None, method: str = "guided",
-                 upscale: int = 1, params: GuidedUpsampling = GuidedUpsampling()):
+                 upscale: int = 1, params: GuidedUpsampling = GuidedUpsampling(), keep_weights_mib: float = 0.0):
         if method == "guided" and guide is None:
             raise ValueError("guided upsampling needs the image guide")
         self.geometry, self.guide, self.method, self.params, self.upscale = geometry, guide, method, params, upscale
@@ -160,31 +260,35 @@ class InplaneUpsampler:
         else:
             self.row_taps = AxisTaps.build(box_rows, self.grid[0], origin_r, self.cell[0], params)
             self.col_taps = AxisTaps.build(box_cols, self.grid[1], origin_c, self.cell[1], params)
+            self.weights = GuidedWeights(geometry, guide, self.row_taps, self.col_taps, self.rows, self.cols, params,
+                                         upscale, keep_weights_mib)
 
-    def __call__(self, cells: Tensor, slice_indices: Sequence[int]) -> Tensor:
-        """Maps [n, K, gh, gw] of voxel slices `slice_indices` -> [n, K, window rows, window cols] float32."""
+    def __call__(self, cells: Tensor, slice_indices: Sequence[int], rows: slice = slice(None),
+                 cols: slice = slice(None)) -> Tensor:
+        """Maps [n, K, gh, gw] of voxel slices `slice_indices` -> [n, K, window rows, window cols] float32, or
+        only the window's voxel rows `rows` and columns `cols` (one row or column: a plane of the volume)."""
         cells = cells.float()
         if tuple(cells.shape[-2:]) != self.grid:
             raise ValueError(f"cell map of shape {tuple(cells.shape)} does not match the grid {self.grid}")
         if self.method == "bilinear":
-            return self.row_matrix @ cells @ self.col_matrix.T
-        return self._guided(cells, slice_indices)
+            return self.row_matrix[rows] @ cells @ self.col_matrix[cols].T
+        return self._guided(cells, slice_indices, rows, cols)
 
-    def _guided(self, cells: Tensor, slice_indices: Sequence[int]) -> Tensor:
+    def _guided(self, cells: Tensor, slice_indices: Sequence[int], rows: slice, cols: slice) -> Tensor:
+        # Window rows and columns -> box voxels -> the blocks that hold them.
+        box_rows = slice(*(self.rows.start + v for v in rows.indices(self.rows.stop - self.rows.start)[:2]))
+        box_cols = slice(*(self.cols.start + v for v in cols.indices(self.cols.stop - self.cols.start)[:2]))
         rows_t, cols_t = self.row_taps, self.col_taps
-        n, channels = cells.shape[:2]
-        guide = torch.from_numpy(self.guide[np.asarray(slice_indices)]).float() / GUIDE_SCALE  # [n, rows, cols]
-        cell_guide = cell_means(guide[:, None], self.geometry, self.upscale)[:, 0]  # [n, gh, gw]
-        # The guide in blocks [n, blocks_r, blocks_c, block_r, block_c] (edge voxels repeated past the box).
-        height, width = rows_t.blocks * rows_t.block, cols_t.blocks * cols_t.block
-        padded = F.pad(guide[:, None], (0, width - guide.shape[2], 0, height - guide.shape[1]), mode="replicate")[:, 0]
-        voxels = padded.reshape(n, rows_t.blocks, rows_t.block, cols_t.blocks, cols_t.block).permute(0, 1, 3, 2, 4)
-        taps_guide = cols_t.unfold(rows_t.unfold(cell_guide, 1), 2)  # [n, blocks_r, blocks_c, taps_r, taps_c]
-        taps_cells = cols_t.unfold(rows_t.unfold(cells, 2), 3)  # [n, K, blocks_r, blocks_c, taps_r, taps_c]
-        spatial = rows_t.weights[:, None, :, None] * cols_t.weights[None, :, None, :]  # [block_r, block_c, t_r, t_c]
-        weights = voxels[..., None, None] - taps_guide[:, :, :, None, None]  # intensity differences, in place:
-        weights.square_().mul_(-0.5 / self.params.sigma_intensity ** 2).exp_().mul_(spatial)
-        weights /= weights.sum(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-        out = torch.einsum("nabyxuv,nkabuv->nkaybx", weights, taps_cells)
-        out = out.reshape(n, channels, height, width)
-        return out[:, :, self.rows, self.cols]
+        blocks_r, blocks_c = _block_range(box_rows, rows_t.block), _block_range(box_cols, cols_t.block)
+        whole = box_rows == self.rows and box_cols == self.cols
+        weights = self.weights(slice_indices) if whole else self.weights(slice_indices, blocks_r, blocks_c)
+        taps_cells = cols_t.unfold(rows_t.unfold(cells, 2), 3)[:, :, blocks_r, blocks_c]  # [n, K, a, b, t_r, t_c]
+        n, a, b, block_r, block_c, taps_r, taps_c = weights.shape
+        channels = cells.shape[1]
+        # Per block, voxels x taps times taps x channels: one batched matrix product.
+        out = torch.bmm(weights.reshape(n * a * b, block_r * block_c, taps_r * taps_c),
+                        taps_cells.permute(0, 2, 3, 4, 5, 1).reshape(n * a * b, taps_r * taps_c, channels))
+        out = out.reshape(n, a, b, block_r, block_c, channels).permute(0, 5, 1, 3, 2, 4)
+        out = out.reshape(n, channels, a * block_r, b * block_c)
+        top, left = blocks_r.start * block_r, blocks_c.start * block_c
+        return out[:, :, box_rows.start - top:box_rows.stop - top, box_cols.start - left:box_cols.stop - left]

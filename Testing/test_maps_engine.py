@@ -1,17 +1,22 @@
 """The maps on real MRI: exact input geometry (NIfTI, a sagittal DICOM series and an oblique NIfTI; NIfTI and
 NRRD out), similarity equal to the cosine of the features interpolated between slices and highest around the
-seed, deterministic PCA colours whose signs follow the rule, and cluster labels on the head only."""
+seed, its fast paths (kept upsampling weights, the planes of three views) equal to the whole map, deterministic
+PCA colours whose signs follow the rule, and cluster labels on the head only."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
 import torch
 from maps_helpers import DICOM_ORIENTATION, small_features, small_session, stored_geometry, write_small_inputs
 
-from BrainDINOLib import BrainDINOError, read_volume, write_volume
+from BrainDINOLib import BrainDINOError, CancelledError, read_volume, write_volume
+from BrainDINOLib.features import Planes
 from BrainDINOLib.maps import SimilarityIndex, attention_map, cluster_map, pca_map, similarity_map
+from BrainDINOLib.slices import GUIDE_SCALE
+from BrainDINOLib.upsample import GuidedUpsampling, cell_means
 from BrainDINOLib.volume import ras_to_lps
 
 LEFT_PUTAMEN_RAS = (-24.0, 4.0, 2.0)
@@ -104,6 +109,58 @@ def test_similarity_is_the_cosine_of_the_features_between_slices(cases):
     similarity = index.map_query(query).array
     _, _, volume_rows, volume_cols = features.slices.window()
     np.testing.assert_allclose(similarity[between][:, volume_rows, volume_cols], voxels[:, 0].numpy(), atol=1e-6)
+
+
+def guided_by_definition(features, cells: np.ndarray, k: int, j: int, i: int) -> float:
+    """Joint bilateral upsampling of the cell map `cells` [gh, gw] of voxel slice k at voxel (k, j, i), straight from
+    its definition (upsample.py): the 3 x 3 nearest cells (edge cells repeated), weighted by distance times the
+    likeness of the voxel's guide intensity to the cell's mean guide intensity."""
+    params, slices = GuidedUpsampling(), features.slices
+    (origin_r, origin_c), (cell_r, cell_c) = slices.origin, slices.cell
+    row0, col0 = slices.box[:2]
+    guide = torch.from_numpy(features.guide[k]).float() / GUIDE_SCALE
+    cell_guide = cell_means(guide[None, None], slices)[0, 0].numpy()
+    voxel = float(guide[j - row0, i - col0])
+    u_r, u_c = (j - row0 + 0.5 - origin_r) / cell_r - 0.5, (i - col0 + 0.5 - origin_c) / cell_c - 0.5
+    total = weights = 0.0
+    for r in range(math.ceil(u_r - 1.5), math.ceil(u_r - 1.5) + 3):
+        for c in range(math.ceil(u_c - 1.5), math.ceil(u_c - 1.5) + 3):
+            cell = min(max(r, 0), cells.shape[0] - 1), min(max(c, 0), cells.shape[1] - 1)
+            weight = math.exp(-((u_r - r) ** 2 + (u_c - c) ** 2) / (2 * params.sigma_cells ** 2)
+                              - (voxel - cell_guide[cell]) ** 2 / (2 * params.sigma_intensity ** 2))
+            total, weights = total + weight * float(cells[cell]), weights + weight
+    return total / weights
+
+
+def test_kept_weights_and_planes_give_the_whole_volume_map(cases):
+    """An index keeps its guided weights and maps the planes of three views alone: both equal today's whole-volume
+    map (a fresh upsampler per map), which equals guided upsampling by its definition."""
+    volume, features = cases["nifti"]
+    assert features.policy.upsampling == "guided"
+    point = volume.geometry.index_to_lps(np.array([[46, 50, 40]]))[0]
+    reference = similarity_map(features, point).array  # nothing kept
+    index = SimilarityIndex(features)
+    planes = Planes(axial=(46,), coronal=(50, 51), sagittal=(40,))
+    before = index.map_planes(point, planes).array  # weights kept for the axial slice, the lines' blocks computed
+    assert index.upsampler.weights.kept_count == 1
+    np.testing.assert_array_equal(index.map(point).array, reference)
+    assert index.upsampler.weights.kept_count == len(features.covered)
+    np.testing.assert_array_equal(index.map(point).array, reference)  # from the kept weights
+    after = index.map_planes(point, planes).array
+    shown = np.zeros(reference.shape, dtype=bool)
+    shown[46], shown[:, [50, 51]], shown[:, :, 40] = True, True, True
+    for values in (before, after):
+        np.testing.assert_array_equal(values[shown], reference[shown])
+        assert not values[~shown].any()
+    query = index.query(point)
+    rng = np.random.default_rng(0)
+    _, _, rows, cols = features.slices.window()
+    for k in rng.choice(list(features.covered), 4, replace=False):
+        cells = index.cosine_cells(query, [k])[0, 0].numpy()
+        for j, i in zip(rng.integers(rows.start, rows.stop, 5), rng.integers(cols.start, cols.stop, 5)):
+            assert reference[k, j, i] == pytest.approx(guided_by_definition(features, cells, k, j, i), abs=1e-5)
+    with pytest.raises(CancelledError):
+        index.map(point, cancel=lambda: True)
 
 
 def test_similarity_to_another_volume_and_bad_points(cases):

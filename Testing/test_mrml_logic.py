@@ -16,6 +16,7 @@ slicer = pytest.importorskip("slicer")
 
 from BrainDINOLib import BrainDINOError, CancelledError, Volume, mrml  # noqa: E402
 from BrainDINOLib.logic import BrainDINOLogic, Job  # noqa: E402
+from BrainDINOLib.volume import ras_to_lps  # noqa: E402
 
 from conftest import REPO, SAMPLE_T1  # noqa: E402
 from mrml_scene import slicer_scene  # noqa: E402
@@ -107,6 +108,49 @@ def test_similarity_peaks_at_the_clicked_point(scene, logic, t1_node, features):
     index = logic._similarity[1]
     logic.similarity_map(features, logic.point_lps(point, t1_node) + 4.0)
     assert logic._similarity[1] is index
+
+
+def slice_node(scene, normal_ras, through_ras):
+    """A slice view's node whose slice is normal to `normal_ras` (one of the RAS axes) through `through_ras`."""
+    node = scene.AddNewNodeByClass("vtkMRMLSliceNode")
+    normal = np.asarray(normal_ras, dtype=float)
+    x_axis = np.roll(normal, 1)  # any other axis: only the normal and the centre matter here
+    matrix = node.GetSliceToRAS()
+    for row in range(3):
+        for column, vector in enumerate((x_axis, np.cross(normal, x_axis), normal, through_ras)):
+            matrix.SetElement(row, column, float(vector[row]))
+    node.UpdateMatrices()
+    return node
+
+
+def test_similarity_on_the_planes_the_views_show(scene, logic, t1_node, features):
+    """Axial, coronal and sagittal views through a point show voxel planes k, j, i of it (two planes where the
+    slice lies between them); their similarity alone equals the whole map there."""
+    volume = logic.volume_from_node(t1_node)
+    kji = np.array([25, 40, 30])
+    point = volume.geometry.index_to_lps(kji[None])[0]
+    ras = ras_to_lps(point)  # the map is its own inverse
+    between = ras_to_lps(volume.geometry.index_to_lps((kji + [0, 0.5, 0])[None])[0])  # halfway to row j + 1
+    nodes = [slice_node(scene, (0, 0, 1), ras), slice_node(scene, (0, 1, 0), between),
+             slice_node(scene, (1, 0, 0), ras)]
+    planes = mrml.displayed_planes(nodes, volume.geometry)
+    assert (planes.axial, planes.coronal, planes.sagittal) == ((25,), (40, 41), (30,))
+    whole = logic.similarity_map(features, point).array
+    shown = logic.similarity_planes(features, point, planes).array
+    on_planes = np.zeros(whole.shape, dtype=bool)
+    on_planes[25], on_planes[:, [40, 41]], on_planes[:, :, 30] = True, True, True
+    np.testing.assert_array_equal(shown[on_planes], whole[on_planes])
+    assert not shown[~on_planes].any()
+    # Shown again in the same node, a map's new values go into the node's own image.
+    node = logic.show_similarity(logic.similarity_map(features, point), t1_node)
+    image = node.GetImageData()
+    logic.show_similarity(Volume(shown, volume.geometry, volume.stored), t1_node, node)
+    assert node.GetImageData() is image
+    np.testing.assert_array_equal(mrml.volume_from_node(node).array, shown)
+    oblique = slice_node(scene, (0, 0.6, 0.8), ras)
+    assert mrml.displayed_planes([*nodes, oblique], volume.geometry) is None
+    for node in [*nodes, oblique]:
+        scene.RemoveNode(node)
 
 
 def test_few_shot_segmentation_from_painted_slices(scene, logic, t1_node, features, tmp_path):

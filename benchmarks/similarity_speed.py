@@ -4,12 +4,15 @@ Features: the bundled Colin27 T1 (181 x 217 x 181, 1 mm; 171 slices of 14 x 14 p
 by a DINOv3 ViT of the released BrainDINO's width (embed 768; one block, random weights: the cost of a
 similarity map depends on the token count and width only, not on the weights or depth).
 Measured in the same run:
-- index: building `SimilarityIndex` once (unit tokens, per-voxel feature norms);
-- per point: `SimilarityIndex.map(point)` for random head voxels (median and 90th percentile), with torch's
-  default thread count and with one thread (on a machine shared with other jobs, one thread is faster);
-- baselines: `similarity_map(features, point)` (builds the index every time), the engine's generic
-  `VolumeFeatures.to_volume` of one per-patch map (torch bilinear), and one copy of a voxel volume (the floor:
-  touching every output voxel once).
+- index: building `SimilarityIndex` once (token norms and neighbouring-slice products) and its first map (which
+  computes the guided upsampling weights it keeps, and their memory);
+- per point: `SimilarityIndex.map(point)` for random head voxels (median and 90th percentile), and
+  `SimilarityIndex.map_planes` of the axial, coronal and sagittal planes through the point (what a viewer shows
+  first), with torch's default thread count and with one thread (on a machine shared with other jobs, one
+  thread is faster);
+- baselines: `similarity_map(features, point)` (builds the index every time and keeps no weights: each map as
+  before the index kept them), the engine's generic `VolumeFeatures.to_volume` of one per-patch map, and one copy
+  of a voxel volume (the floor: touching every output voxel once).
 
     .venv/bin/python benchmarks/similarity_speed.py [--points 40] [--smoke]
 """
@@ -29,6 +32,7 @@ from BrainDINOLib import Architecture, embed_volume, read_volume
 from BrainDINOLib.atlas import COLIN27_T1
 from BrainDINOLib.checkpoints import ModelCard, save_safetensors
 from BrainDINOLib.encoder import load_encoder
+from BrainDINOLib.features import Planes
 from BrainDINOLib.maps import SimilarityIndex, similarity_map
 from BrainDINOLib.resolution import DEFAULTS, ResolutionPolicy
 
@@ -74,23 +78,28 @@ def main() -> None:
     points = [volume.geometry.index_to_lps(np.array([[features.slices.slice_indices[s], j, i]]))[0]
               for s, j, i in picks]
 
-    def per_point_ms() -> np.ndarray:
-        index.map(points[0])  # warm-up
+    start = time.perf_counter()
+    index.map(points[0])
+    first_ms = (time.perf_counter() - start) * 1e3
+    planes = [Planes(*((int(v),) for v in volume.geometry.lps_to_index(point[None])[0].round())) for point in points]
+
+    def per_point_ms(method) -> np.ndarray:
         times = []
-        for point in points:
+        for point, shown in zip(points, planes):
             start = time.perf_counter()
-            similarity = index.map(point)
+            similarity = index.map(point) if method == "map" else index.map_planes(point, shown)
             times.append((time.perf_counter() - start) * 1e3)
             assert -1.0 <= similarity.array.min() and similarity.array.max() <= 1.0
         return np.array(times)
 
     threads = torch.get_num_threads()
-    per_thread_setting = {}
+    per_setting = {}
     for setting in sorted({threads, 1}, reverse=True):
         torch.set_num_threads(setting)
-        per_thread_setting[setting] = per_point_ms()
+        for method in ("map", "map_planes"):
+            per_setting[setting, method] = per_point_ms(method)
     torch.set_num_threads(threads)
-    per_point = per_thread_setting[threads]
+    per_point = per_setting[threads, "map"]
 
     rebuild = milliseconds(lambda: similarity_map(features, points[0]), 3)
     one_map = index.tokens @ index.query(points[0])
@@ -99,8 +108,11 @@ def main() -> None:
 
     median = np.median(per_point)
     print(f"index build (once)                 {build_ms:8.1f} ms")
-    for setting, times in per_thread_setting.items():
-        print(f"SimilarityIndex.map, {setting:2d} thread(s)  {np.median(times):8.1f} ms median per point, "
+    print(f"first map (computes the weights)   {first_ms:8.1f} ms; weights kept: "
+          f"{index.upsampler.weights.kept_bytes / 2**20:.0f} MiB" if features.policy.upsampling == "guided"
+          else f"first map                          {first_ms:8.1f} ms")
+    for (setting, method), times in per_setting.items():
+        print(f"SimilarityIndex.{method:10s} {setting:2d} thread(s) {np.median(times):8.1f} ms median per point, "
               f"{np.percentile(times, 90):.1f} ms p90 ({args.points} points)")
     print(f"similarity_map (index every time)  {np.median(rebuild):8.1f} ms  = {np.median(rebuild) / median:5.1f}x")
     print(f"to_volume of one per-patch map     {np.median(generic_upsample):8.1f} ms  "

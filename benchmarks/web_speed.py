@@ -10,7 +10,11 @@ upsampling), each on a fresh server with the demo model and the bundled Colin27 
   click -> first visibly changed picture of the axial view;
 - memory: the server process's RSS with the volume shown, and after features, PCA and the clicks.
 
+With `--baseline DIR` (a checkout of another commit, e.g. `git archive <commit> | tar -x -C DIR`) every setting
+runs twice, first with that checkout's engine and server, then with this one: a before/after in one run.
+
     .venv/bin/python benchmarks/web_speed.py [--clicks 6] [--setting "" --setting "--upsampling bilinear"]
+    .venv/bin/python benchmarks/web_speed.py --baseline /tmp/braindino-main   # before/after, interleaved
     .venv/bin/python benchmarks/web_speed.py --smoke      # one short run at 12 mm: the path works
 """
 from __future__ import annotations
@@ -37,8 +41,19 @@ def rss_mib(pid: int) -> float:
     return psutil.Process(pid).memory_info().rss / 2**20
 
 
-def one_run(setting: str, clicks: int) -> dict:
-    """Start a server with `setting` (extra serve options), drive it, and return what was measured."""
+def one_run(setting: str, clicks: int, code: Path | None = None) -> dict:
+    """Start a server with `setting` (extra serve options), with the engine in `code` if given (else this one),
+    drive it, and return what was measured."""
+    here = Path.cwd()
+    if code:
+        os.chdir(code)  # the server is `python -m BrainDINOLib.cli serve`, which imports from its folder first
+    try:
+        return {**measure(setting, clicks), "code": str(code) if code else "this checkout"}
+    finally:
+        os.chdir(here)
+
+
+def measure(setting: str, clicks: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="braindino-web-bench-") as work:
         arguments = ["--volume", "colin27_t1.nii.gz", "--device", "cpu", "--out", f"{work}/out",
                      "--cache-dir", f"{work}/cache", *shlex.split(setting)]
@@ -68,7 +83,7 @@ def one_run(setting: str, clicks: int) -> dict:
 
 def report(run: dict) -> None:
     clicks = run["clicks"]
-    print(f"\n{run['setting']}: {run['model']}")
+    print(f"\n{run['setting']}, {run['code']}: {run['model']}")
     print(f"  start -> address printed {run['ready_s']:.1f} s; -> first axial slice in Chromium "
           f"{run['first_picture_s']:.1f} s; features + PCA {run['features_s']:.1f} s")
     print(f"  server RSS: volume shown {run['loaded_mib']:.0f} MiB; after features, PCA, {len(clicks)} clicks "
@@ -86,6 +101,7 @@ def main() -> None:
     parser.add_argument("--clicks", type=int, default=6)
     parser.add_argument("--setting", action="append", default=None,
                         help="extra `braindino serve` options of one run (repeat for more runs)")
+    parser.add_argument("--baseline", type=Path, help="a checkout of another commit to run each setting with first")
     parser.add_argument("--smoke", action="store_true", help="one run at 12 mm with two clicks")
     args = parser.parse_args()
     reason = missing_browser()
@@ -96,7 +112,8 @@ def main() -> None:
     clicks = 2 if args.smoke else args.clicks
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     for setting in settings:
-        report(one_run(setting, clicks))
+        for code in ([args.baseline] if args.baseline else []) + [None]:
+            report(one_run(setting, clicks, code))
 
 
 if __name__ == "__main__":

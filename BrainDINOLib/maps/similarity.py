@@ -11,8 +11,13 @@ so `SimilarityIndex` keeps |a|^2 and <a, b> of neighbouring embedded slices, and
 matrix-vector product over the embedded tokens plus one upsampling of a one-channel map. The query is the
 feature at the point's voxel (across slices as above, bilinear between the four nearest cells in-plane).
 The map lies in [-1, 1], and near 1 around the point.
+
+The index also keeps the guided upsampling's weights (they depend on the image only), and maps the planes a
+viewer shows (`map_planes`) in a small part of the whole volume's time: a click's map is on screen first.
 """
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -20,9 +25,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import BrainDINOError
-from ..features import VolumeFeatures
+from ..features import Planes, VolumeFeatures
 from ..upsample import slice_interpolation
 from ..volume import Geometry, Volume
+
+
+# Memory a `SimilarityIndex` may keep guided upsampling weights in: 36 bytes per voxel of the slices with
+# features inside the crop box (Colin27 at the CPU default: 242 MiB); slices beyond it are weighted per map.
+KEEP_WEIGHTS_MIB = 512
 
 
 def _describe(point_lps) -> str:
@@ -44,10 +54,12 @@ def voxel_of_point(geometry: Geometry, point_lps: np.ndarray | tuple[float, floa
 
 
 class SimilarityIndex:
-    """The tokens of one volume with their norms and neighbouring-slice products, for fast `map(point)` calls."""
+    """The tokens of one volume with their norms and neighbouring-slice products, and an upsampler that keeps its
+    weights (up to `keep_weights_mib`), for fast `map(point)` calls."""
 
-    def __init__(self, features: VolumeFeatures):
+    def __init__(self, features: VolumeFeatures, keep_weights_mib: float = KEEP_WEIGHTS_MIB):
         self.features = features
+        self.upsampler = features.mapping.upsampler(keep_weights_mib=keep_weights_mib)
         self.tokens = features.patches.float()  # [S, h, w, D]
         self.square_norms = (self.tokens ** 2).sum(dim=-1)  # |a|^2, [S, h, w]
         self.next_products = (self.tokens[:-1] * self.tokens[1:]).sum(dim=-1)  # <a_s, a_s+1>, [S - 1, h, w]
@@ -81,7 +93,10 @@ class SimilarityIndex:
 
     def cosine_cells(self, query: Tensor, slice_indices) -> Tensor:
         """Cosine similarity [n, 1, h, w] between `query` and the features of voxel slices `slice_indices`."""
-        products = self.tokens @ query  # <q, a>, [S, h, w]
+        return self._cosine_cells(self.tokens @ query, slice_indices)
+
+    def _cosine_cells(self, products: Tensor, slice_indices) -> Tensor:
+        """`cosine_cells` from the products <q, a> [S, h, w] of the query with the embedded tokens."""
         lower, upper, t = slice_interpolation(self.features.slices, slice_indices)
         t = t[:, None, None]
         numerator = (1 - t) * products[lower] + t * products[upper]
@@ -91,16 +106,24 @@ class SimilarityIndex:
         cosine = numerator / square.clamp_min(torch.finfo(torch.float32).tiny).sqrt()
         return cosine.clamp(-1.0, 1.0)[:, None]
 
-    def map_query(self, query: Tensor) -> Volume:
+    def map_query(self, query: Tensor, cancel: Callable[[], bool] | None = None) -> Volume:
         """Cosine similarity [-1, 1] between a unit feature vector and every voxel of this volume (float32).
 
-        Voxels of slices without features, and outside the crop box, are 0.
+        Voxels of slices without features, and outside the crop box, are 0. `CancelledError` once `cancel()`.
         """
-        return self.features.map_volume(lambda ks: self.cosine_cells(query, ks), squeeze=True)
+        products = self.tokens @ query
+        return self.features.map_volume(lambda ks: self._cosine_cells(products, ks), squeeze=True,
+                                        upsampler=self.upsampler, cancel=cancel)
 
-    def map(self, point_lps: np.ndarray | tuple[float, float, float]) -> Volume:
+    def map(self, point_lps: np.ndarray | tuple[float, float, float],
+            cancel: Callable[[], bool] | None = None) -> Volume:
         """Similarity of every voxel to the feature at `point_lps` (LPS mm)."""
-        return self.map_query(self.query(point_lps))
+        return self.map_query(self.query(point_lps), cancel)
+
+    def map_planes(self, point_lps: np.ndarray | tuple[float, float, float], planes: Planes) -> Volume:
+        """`map(point_lps)` on `planes` only (equal there), 0 elsewhere: what three slice views show of it."""
+        products = self.tokens @ self.query(point_lps)
+        return self.features.map_planes(lambda ks: self._cosine_cells(products, ks), planes, self.upsampler)
 
 
 def similarity_map(features: VolumeFeatures, point_lps: np.ndarray | tuple[float, float, float],
@@ -113,7 +136,7 @@ def similarity_map(features: VolumeFeatures, point_lps: np.ndarray | tuple[float
     if target is not None and target.model_id != features.model_id:
         raise BrainDINOError(target.source or "target features", f"were computed with {target.model_id}, not with "
                                                                  f"{features.model_id}: their features do not compare")
-    source = SimilarityIndex(features)
+    source = SimilarityIndex(features, keep_weights_mib=0)
     query = source.query(point_lps)
-    destination = source if target is None else SimilarityIndex(target)
+    destination = source if target is None else SimilarityIndex(target, keep_weights_mib=0)
     return destination.map_query(query)

@@ -15,6 +15,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,9 @@ log = logging.getLogger(__name__)
 SAMPLE_NAME = "sample: Colin27 T1 (bundled)"
 AS_STARTED = "as started"  # the resolution the command line asked for
 FOREGROUNDS = {"pca": "PCA colours", "similarity": "similarity", "attention": "attention"}
+# A click's similarity is shown on the views' planes first; the whole volume's follows this long after, so its work
+# does not compete with the drawing of those planes (on a 2-core CPU, started at once, it did).
+WHOLE_MAP_DELAY_S = 1.0
 
 
 def rss_mib() -> int:
@@ -74,11 +78,16 @@ class BrainDINOPage:
         self.volume: Volume | None = None  # the engine's view of the loaded volume
         self.node = None  # its volume node
         self.nodes: dict[str, Any] = {}  # overlay nodes by name (pca, similarity, attention, clusters, ...)
-        self.maps: dict[str, Volume] = {}  # what "Save" writes: maps and label volumes by name
+        # What "Save" writes: maps and label volumes by name (or a function that computes one not complete yet).
+        self.maps: dict[str, Volume | Callable[[], Volume]] = {}
         self.classes: dict[str, tuple] = {}  # class tables of the label volumes in `maps`
         self.point_lps: np.ndarray | None = None  # the last similarity point
         self._model_key: tuple | None = None  # (model, resolution) the Logic's session was opened with
-        self._wanted_point: np.ndarray | None = None
+        # The loaded volume's features by blocks asked for, under that model: (volume, {layers: features}).
+        self._held: tuple[Volume | None, dict[tuple[int, ...], Any]] = (None, {})
+        self._wanted_point: tuple[str, np.ndarray] | None = None  # (view, RAS) of the newest click not mapped yet
+        self._whole_similarity: np.ndarray | None = None  # LPS point whose whole-volume map should follow
+        self._whole_timer: asyncio.TimerHandle | None = None
         self._similarity_running = False
 
         files = self.data.model_files()
@@ -189,6 +198,7 @@ class BrainDINOPage:
             if node is not None:
                 scene.RemoveNode(node)
         self.nodes, self.maps, self.classes, self.point_lps = {}, {}, {}, None
+        self._wanted_point = self._whole_similarity = None
         self.volume = volume
         self.node = mrml.volume_to_node(volume, scene=scene, name=name)
         self.slicer_app.display_manager.show_volume_in_slice_background(self.node)
@@ -219,7 +229,14 @@ class BrainDINOPage:
                 open_model(self.logic, source, self.config.device, self._policy, self.config.batch_size,
                            self.config.precision)
                 self._model_key = (source, resolution)
-            return then(self.logic.features(volume, layers_for(), progress, cancel), progress, cancel)
+                self._held = (None, {})
+            layers = layers_for()
+            held_volume, held = self._held
+            features = held.get(layers) if held_volume is volume else None
+            if features is None:  # the Logic finds them by a hash of the voxels: tens of ms a click, saved here
+                features = self.logic.features(volume, layers, progress, cancel)
+                self._held = (volume, {**(held if held_volume is volume else {}), layers: features})
+            return then(features, progress, cancel)
 
         def done(result) -> None:
             self.state.model_info = self.logic.describe_model()
@@ -303,22 +320,37 @@ class BrainDINOPage:
             self._next_similarity()
 
     def _next_similarity(self) -> None:
-        if self._wanted_point is None:
-            self._similarity_running = False
+        """The newest clicked point's similarity on the planes the views show, at once; the whole volume's (for
+        scrolling and saving) once the views have drawn the planes, unless another click came meanwhile."""
+        if self._wanted_point is not None:
+            (view, ras), self._wanted_point = self._wanted_point, None
+            self._similarity_on_planes(view, ras)
             return
-        (view, ras), self._wanted_point = self._wanted_point, None
+        self._similarity_running = False
+        if self._whole_similarity is not None:
+            if self._whole_timer is not None:
+                self._whole_timer.cancel()
+            self._whole_timer = asyncio.get_running_loop().call_later(WHOLE_MAP_DELAY_S, self._similarity_everywhere)
+
+    def _similarity_on_planes(self, view: str, ras: np.ndarray) -> None:
         self._similarity_running = True
         lps = ras_to_lps(ras)
         clicked = time.perf_counter()
+        planes = self.views.displayed_planes(self._require_volume().geometry)
 
         def then(features, progress, cancel):
             started = time.perf_counter()
-            return self.logic.similarity_map(features, lps), time.perf_counter() - started
+            similarity = self.logic.similarity_map(features, lps) if planes is None else \
+                self.logic.similarity_planes(features, lps, planes)
+            return similarity, time.perf_counter() - started, features
 
         def show(result) -> None:
-            similarity, seconds = result
+            similarity, seconds, features = result
             shown = time.perf_counter()
             self._show_map("similarity", similarity)
+            if planes is not None:  # until the whole map follows, Save computes it
+                self.maps["similarity"] = partial(self.logic.similarity_map, features, lps)
+                self._whole_similarity = lps
             self.point_lps = lps
             from ..maps.similarity import voxel_of_point
             seed = voxel_of_point(similarity.geometry, lps)
@@ -326,17 +358,42 @@ class BrainDINOPage:
             self.state.click_report = (
                 f"{view} click at RAS ({', '.join(f'{v:.3f}' for v in ras)}) = voxel {seed}: similarity "
                 f"{float(similarity.array[seed]):.3f} there, highest {float(similarity.array[peak]):.3f} "
-                f"at voxel {peak}; "
+                f"at voxel {peak}{'' if planes is None else ' of the planes shown'}; "
                 f"map {seconds:.3f} s, shown {time.perf_counter() - shown:.3f} s, "
                 f"total {time.perf_counter() - clicked:.3f} s")
             self._finish("similarity shown")
             self._next_similarity()
+        self._similarity_job("similarity", then, show)
 
+    def _similarity_everywhere(self) -> None:
+        """The whole volume's map of the last point; given up as soon as another click waits."""
+        self._whole_timer = None
+        if self._similarity_running or self._whole_similarity is None:
+            return
+        lps, self._whole_similarity = self._whole_similarity, None
+        self._similarity_running = True
+        started = time.perf_counter()
+
+        def then(features, progress, cancel):
+            return self.logic.similarity_map(features, lps, cancel=lambda: cancel() or self._wanted_point is not None)
+
+        def show(similarity: Volume) -> None:
+            self._show_map("similarity", similarity)
+            if self.state.status.startswith(label):  # background work: never overwrite what another action said
+                self._finish(f"similarity of the whole volume shown in {time.perf_counter() - started:.1f} s")
+            self._next_similarity()
+        label = "similarity of the whole volume"
+        self._similarity_job(label, then, show)
+
+    def _similarity_job(self, label: str, then, show: Callable[[Any], None]) -> None:
         def failed(error: BaseException) -> None:
+            if isinstance(error, CancelledError) and self._wanted_point is not None:
+                self._next_similarity()  # a newer click stopped it: map that one
+                return
             self._similarity_running = False
             self._fail(error)
         try:
-            self._with_features("similarity", tuple, then, show, failed)
+            self._with_features(label, tuple, then, show, failed)
         except BrainDINOError as error:
             failed(error)
 
@@ -484,13 +541,16 @@ class BrainDINOPage:
         point = self.point_lps if self.point_lps is not None else volume.geometry.index_to_lps(
             (np.array(volume.shape) - 1)[None] / 2.0)[0]
         maps, classes, predictions = dict(self.maps), dict(self.classes), list(self.state.predictions)
+
+        def complete() -> dict[str, Volume]:
+            return {name: values() if callable(values) else values for name, values in maps.items()}
         title = f"BrainDINO: {self.state.model_info}"
 
         def show(written: list[Path]) -> None:
             self.state.saved = ", ".join(path.name for path in written)
             self._finish(f"saved {len(written)} files into the output folder")
-        self._run("saving", lambda progress, cancel: save_outputs(self.out, stem, volume, maps, classes, predictions,
-                                                                  point, title), show)
+        self._run("saving", lambda progress, cancel: save_outputs(self.out, stem, volume, complete(), classes,
+                                                                  predictions, point, title), show)
 
 
 def _cell(value):

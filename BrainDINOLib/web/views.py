@@ -22,6 +22,10 @@ from trame_slicer.core import LayoutManager, SlicerApp
 from trame_slicer.rca_view import register_rca_factories
 from trame_slicer.views import Layout, LayoutDirection, SliceView, ViewLayoutDefinition
 
+from .. import mrml
+from ..features import Planes
+from ..volume import Geometry
+
 VIEW_NAMES = {"Red": "axial", "Green": "coronal", "Yellow": "sagittal"}  # Slicer's view ids
 CLICK_TOLERANCE_PX = 3  # a press and release further apart are a drag (window/level), not a click
 FRAMES_PER_SECOND = 30  # every view, not only the one under the mouse (trame-slicer's default is 10 for those)
@@ -48,6 +52,10 @@ class SliceViews:
 
     def views(self) -> list[SliceView]:
         return list(self.slicer_app.view_manager.get_slice_views())
+
+    def displayed_planes(self, geometry: Geometry) -> Planes | None:
+        """The voxel planes of a volume on `geometry` that the views show now (None if one is oblique to it)."""
+        return mrml.displayed_planes([view.get_view_node() for view in self.views()], geometry)
 
     def fit_to_content(self) -> None:
         for view in self.views():
