@@ -36,9 +36,9 @@ from ..heads.segmentation import soft_targets
 from ..session import FeatureSession
 from ..slices import SliceGeometry, SliceStack
 from ..threads import torch_threads
+from ..tissue import CLASS_NAMES, TISSUE_CLASSES
 from ..upsample import interpolate_slices
 from ..volume import Volume
-from ..tissue import CLASS_NAMES, TISSUE_CLASSES
 from .config import config_from_dict
 from .model import build_network
 
