@@ -366,10 +366,10 @@ class BrainDINOWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         worker = self.logic.worker
 
         def onError(error: BaseException) -> None:
-            worker.cancel()  # the jobs queued after this one depend on it
-            if isinstance(error, engineLogic().CancelledError):
+            if isinstance(error, engineLogic().CancelledError):  # the jobs queued after it were dropped with it
                 self.ui.statusLabel.text = f"{label}: cancelled."
                 return
+            worker.cancel()  # the jobs queued after this one depend on it
             self.ui.statusLabel.text = f"{label}: failed."
             with slicer.util.tryWithErrorDisplay(f"{label} failed."):
                 raise error

@@ -2,7 +2,9 @@
 
 Qt-free on purpose: the Slicer module polls it from a QTimer, the web page from its event loop, a script
 calls `wait()`. Results and errors are queued and handed to the job's callbacks by `poll()`, on the thread
-that polls, so MRML nodes are only ever touched from that (main) thread.
+that polls, so MRML nodes are only ever touched from that (main) thread. Every submitted job ends in one of its
+callbacks: a job dropped by `cancel` before it ran gets `on_error(CancelledError)` like a stopped one, so a user
+interface that waits for a job's end never waits forever.
 """
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from .errors import CancelledError
 
 log = logging.getLogger(__name__)
 
@@ -37,27 +41,27 @@ class TorchWorker:
     """
 
     def __init__(self, name: str = "BrainDINO torch worker"):
-        self._jobs: queue.Queue[Job | None] = queue.Queue()
+        self._jobs: queue.Queue[tuple[int, Job | None]] = queue.Queue()  # (cancel generation at submit, job)
         self._finished: queue.Queue[tuple[Job, Any, BaseException | None]] = queue.Queue()
         self._cancel = threading.Event()
         self._lock = threading.Lock()
         self._progress = (0, 0)
         self._current: Job | None = None
+        self._generation = 0  # how many times `cancel` was called; a job submitted before the last call is dropped
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def submit(self, job: Job) -> None:
-        self._jobs.put(job)
+        with self._lock:
+            self._jobs.put((self._generation, job))
 
     def cancel(self) -> None:
-        """Stop the running job at its next check and drop the queued ones."""
-        while True:
-            try:
-                self._jobs.get_nowait()
-            except queue.Empty:
-                break
-            self._jobs.task_done()
-        self._cancel.set()
+        """Stop the running job at its next check and drop the queued ones (each ends in `CancelledError`).
+
+        Under the lock the worker takes a job with, so a job taken just before the call is stopped too."""
+        with self._lock:
+            self._generation += 1
+            self._cancel.set()
 
     @property
     def busy(self) -> bool:
@@ -94,7 +98,8 @@ class TorchWorker:
     def shutdown(self) -> None:
         """Cancel what runs and end the thread (after the running job notices)."""
         self.cancel()
-        self._jobs.put(None)
+        with self._lock:
+            self._jobs.put((self._generation, None))
 
     def _report(self, done: int, total: int) -> None:
         with self._lock:
@@ -102,17 +107,22 @@ class TorchWorker:
 
     def _run(self) -> None:
         while True:
-            job = self._jobs.get()
+            generation, job = self._jobs.get()
             if job is None:
                 self._jobs.task_done()
                 return
-            self._cancel.clear()
             with self._lock:
-                self._current, self._progress = job, (0, 0)
-            try:
-                outcome = (job, job.work(self._report, self._cancel.is_set), None)
-            except BaseException as error:  # handed to the polling thread, which shows it
-                outcome = (job, None, error)
+                dropped = generation != self._generation
+                if not dropped:
+                    self._cancel.clear()
+                    self._current, self._progress = job, (0, 0)
+            if dropped:
+                outcome = (job, None, CancelledError(f"{job.label}: cancelled before it started"))
+            else:
+                try:
+                    outcome = (job, job.work(self._report, self._cancel.is_set), None)
+                except BaseException as error:  # handed to the polling thread, which shows it
+                    outcome = (job, None, error)
             self._finished.put(outcome)  # before `_current` is cleared, so `busy` never reads False in between
             with self._lock:
                 self._current = None

@@ -247,11 +247,16 @@ def test_worker_runs_jobs_off_the_main_thread_and_cancels(logic, t1_node):
         return embed_volume(volume, logic.encoder, cancel=cancel)
 
     worker.submit(Job("embedding", slow, lambda r: outcome.update(late=r), lambda e: outcome.update(error=e)))
+    worker.submit(Job("queued", work, lambda r: outcome.update(queued=r), lambda e: outcome.update(dropped=e)))
     assert started.wait(30)
     worker.cancel()
     worker.wait()
     assert isinstance(outcome["error"], CancelledError) and "late" not in outcome
+    assert isinstance(outcome["dropped"], CancelledError) and "queued" not in outcome  # dropped, yet told
     assert not worker.busy
+    worker.submit(Job("after", work, lambda r: outcome.update(after=r)))  # a cancel stops only what came before
+    worker.wait()
+    assert outcome["after"] == 42
 
 
 def test_scene_cases_and_typed_targets_become_a_manifest(scene, tmp_path):
