@@ -30,11 +30,13 @@ import math
 import re
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import BrainDINOError, CancelledError
+from .heads.config import FitConfig
+from .heads.tasks import CLASS_TASKS, CLASSIFICATION, KNN, REGRESSION, SEGMENTATION, SURVIVAL, UNKNOWN_TASK
 from .process import ChildProcess, braindino_command
 from .worker import Cancel, Job, Progress, TorchWorker
 
@@ -63,16 +65,18 @@ SIMILARITY_THREADS = 1
 
 # What the fine-tuning panel offers: label -> (fit-head --task, --kind).
 HEAD_CHOICES: dict[str, tuple[str, str]] = {
-    "segmentation, linear": ("segmentation", "linear"),
-    "segmentation, MLP": ("segmentation", "mlp"),
-    "segmentation, decoder (x4 finer)": ("segmentation", "decoder"),
-    "classification": ("classification", ""),
-    "regression": ("regression", ""),
-    "survival": ("survival", ""),
-    "kNN classification": ("knn", ""),
+    "segmentation, linear": (SEGMENTATION, "linear"),
+    "segmentation, MLP": (SEGMENTATION, "mlp"),
+    "segmentation, decoder (x4 finer)": (SEGMENTATION, "decoder"),
+    "classification": (CLASSIFICATION, ""),
+    "regression": (REGRESSION, ""),
+    "survival": (SURVIVAL, ""),
+    "kNN classification": (KNN, ""),
 }
-SUBJECT_TARGET_COLUMNS = {"classification": ("label",), "knn": ("label",), "regression": ("target",),
-                          "survival": ("time", "event")}
+_COLUMN = {f.name: f.default for f in fields(FitConfig) if f.name.endswith("_column")}  # fit-head's defaults
+LABEL_COLUMN = _COLUMN["label_column"]
+SUBJECT_TARGET_COLUMNS = {CLASSIFICATION: (LABEL_COLUMN,), KNN: (LABEL_COLUMN,),
+                          REGRESSION: (_COLUMN["target_column"],), SURVIVAL: (_COLUMN["time_column"], _COLUMN["event_column"])}
 
 
 # ---- fine-tuning: labelled cases of the scene --------------------------------------------------------------
@@ -111,7 +115,7 @@ class CaseSet:
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        columns = ["case", "split", "image", *(("label",) if self.task == "segmentation"
+        columns = ["case", "split", "image", *((LABEL_COLUMN,) if self.task == SEGMENTATION
                                                else SUBJECT_TARGET_COLUMNS[self.task])]
         rows = []
         for index, (name, image, labels, targets, split) in enumerate(
@@ -121,9 +125,9 @@ class CaseSet:
             row = {"case": name, "split": split, "image": f"{stem}.nii", **targets}
             if labels is not None:
                 write_volume(labels, folder / f"{stem}_labels.nii")
-                row["label"] = f"{stem}_labels.nii"
+                row[LABEL_COLUMN] = f"{stem}_labels.nii"
             rows.append(row)
-        if self.task == "segmentation":
+        if self.task == SEGMENTATION:
             write_text_atomic(folder / "classes.txt", "\n".join(["background", *self.class_names]) + "\n")
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
@@ -141,21 +145,22 @@ def _file_stem(name: str) -> str:
 def subject_targets(task: str, text: str, case: str) -> dict[str, str]:
     """The manifest columns of one subject's typed target (checked here, so a typo is named before any work)."""
     text = text.strip()
-    if task in ("classification", "knn"):
+    columns = SUBJECT_TARGET_COLUMNS.get(task)
+    if task in CLASS_TASKS:
         if not text:
             raise BrainDINOError(case, "has no class: type the class of each case")
-        return {"label": text}
-    if task == "regression":
+        return {columns[0]: text}
+    if task == REGRESSION:
         if not _is_finite_number(text):
             raise BrainDINOError(case, f"target {text!r} is not a number")
-        return {"target": text}
-    if task == "survival":
+        return {columns[0]: text}
+    if task == SURVIVAL:
         parts = [p for p in re.split(r"[,;\s]+", text) if p]
         if len(parts) != 2 or not _is_finite_number(parts[0]) or parts[1] not in ("0", "1"):
             raise BrainDINOError(case, f"survival target {text!r}: type the time and the event, e.g. '24.5, 1' "
                                        "(event 1 = observed, 0 = censored)")
-        return {"time": parts[0], "event": parts[1]}
-    raise BrainDINOError(task, "unknown task; use segmentation, classification, regression, survival or knn")
+        return dict(zip(columns, parts))
+    raise BrainDINOError(task, UNKNOWN_TASK)
 
 
 def _is_finite_number(text: str) -> bool:
@@ -446,7 +451,7 @@ class BrainDINOLogic:
         """The label volume a saved segmentation head predicts, on features with the blocks it reads."""
         from .heads import FeatureSource, segment
 
-        if head.card.task != "segmentation":
+        if head.card.task != SEGMENTATION:
             raise BrainDINOError(head.card.kind, f"is a {head.card.task} head; use Predict")
         FeatureSource.for_head(head, self.require_session())  # refuses a head fitted on another encoder
         return segment(head, self.features(volume, tuple(head.card.layers), progress, cancel))
@@ -476,7 +481,7 @@ class BrainDINOLogic:
 
     def predict_subject(self, head: Head, volume: Volume, progress: Progress | None = None,
                         cancel: Cancel | None = None) -> dict:
-        if head.card.task == "segmentation":
+        if head.card.task == SEGMENTATION:
             raise BrainDINOError(head.card.kind, "is a segmentation head; use the Segment panel")
         from .heads import FeatureSource
 
@@ -555,7 +560,7 @@ class BrainDINOLogic:
             name = case.volume.GetName()
             if case.split not in ("auto", "train", "test"):
                 raise BrainDINOError(name, f"split {case.split!r}: use train, test or auto")
-            if task == "segmentation":
+            if task == SEGMENTATION:
                 if case.segmentation is None:
                     raise BrainDINOError(name, "has no segmentation; choose the segmentation that labels it")
                 label_volume, classes = mrml.labels_from_segmentation(case.segmentation, case.volume)
@@ -607,7 +612,7 @@ class BrainDINOLogic:
         classes = manifest.parent / "classes.txt"
         training = _count_training_rows(manifest)
         arguments = self.fit_arguments(manifest, request, head, report,
-                                       classes if request.task == "segmentation" and classes.is_file() else None,
+                                       classes if request.task == SEGMENTATION and classes.is_file() else None,
                                        training)
         process = self.start_process(braindino_command("fit-head", arguments, progress_lines=True), on_line=on_line,
                                      on_finished=on_finished, on_progress=on_progress, env=env)
