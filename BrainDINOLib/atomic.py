@@ -242,6 +242,11 @@ def write_text_atomic(target: str | Path, text: str) -> None:
 
 # ---- debris of killed writers ----------------------------------------------------------------------------------
 
+def is_temporary(name: str) -> bool:
+    """Whether a file name is one of `atomic_path`'s temporary names (never a finished output, however complete)."""
+    return name.startswith(".") and TEMP_MARKER in name
+
+
 def remove_stale_temp_files(folder: str | Path, older_than_s: float = STALE_TEMP_AGE_S) -> list[Path]:
     """Delete BrainDINO's temporary files under `folder` left by killed writers; return what was removed.
 
@@ -253,7 +258,7 @@ def remove_stale_temp_files(folder: str | Path, older_than_s: float = STALE_TEMP
     now = time.time()
     for root, _, names in os.walk(folder):
         for name in names:
-            if not name.startswith(".") or TEMP_MARKER not in name:
+            if not is_temporary(name):
                 continue
             pid_text = name.split(TEMP_MARKER, 1)[1].split("-", 1)[0]
             path = Path(root) / name

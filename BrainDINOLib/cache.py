@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from .atomic import remove_stale_temp_files
+from .atomic import is_temporary, remove_stale_temp_files
 from .errors import BrainDINOError
 from .features import VolumeFeatures
 from .resolution import ResolutionPolicy
@@ -83,7 +83,8 @@ class FeatureCache:
         """The best entry that serves the request (see module docstring), or None. A damaged entry is a miss:
         discarded here (with a warning) and recomputed by the caller."""
         candidates = []
-        for path in sorted(self.folder_for(key).glob("*.safetensors")):
+        # A writer's temporary file shares the suffix: one a killed writer left is no entry, even when complete.
+        for path in sorted(p for p in self.folder_for(key).glob("*.safetensors") if not is_temporary(p.name)):
             try:
                 info = VolumeFeatures.read_metadata(path)
             except BrainDINOError as error:

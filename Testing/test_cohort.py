@@ -3,7 +3,8 @@
 A cohort of six generated tissue cases at 6 mm and the tiny fixture encoder at 64 px (4 x 4 patches) on every
 slice, so that a whole run is seconds of compute. Asserted: two gloo processes under torchrun write the same store
 as one process, bit for bit; a run with one rank killed by SIGKILL, resumed (by one process), equals an
-uninterrupted one; a second run changes nothing; a volume that cannot be read is skipped and named, and fails
+uninterrupted one; a feature file a killed writer left under its temporary name is neither served nor left behind;
+a second run changes nothing; a volume that cannot be read is skipped and named, and fails
 the run only with --strict; a head fitted (and evaluated) from the store equals one fitted by embedding the
 manifest directly.
 """
@@ -25,6 +26,7 @@ import torch
 from heads_helpers import TEST_CASES
 from safetensors import safe_open
 
+from BrainDINOLib.atomic import TEMP_MARKER
 from BrainDINOLib.cli import build_parser, main
 from BrainDINOLib import PreprocessConfig, ResolutionPolicy
 from BrainDINOLib.cohort import FeatureStore, StoreIdentity, read_cohort
@@ -163,6 +165,41 @@ def test_a_rank_killed_with_sigkill_then_resumed_gives_the_same_store(cohort, on
 
     resumed = run(embed_command(cohort, store, teacher_checkpoint))
     assert f"embedded {CASES - sum(r.done for r in killed.values())} volumes" in resumed.stdout, resumed.stdout
+    assert not list(store.rglob(f"*{TEMP_MARKER}*")), "the killed run's temporary files were left in the store"
+    assert store_contents(store) == store_contents(one_process_store)
+
+
+def test_a_feature_file_a_killed_rank_wrote_but_did_not_rename_is_embedded_again(cohort, one_process_store, tmp_path,
+                                                                               teacher_checkpoint, capsys):
+    """A rank killed after writing a volume's feature file but before renaming it leaves a complete file under its
+    temporary name (one killed sooner, a torn one). The store does not serve it: the resumed run embeds the volume
+    into its real file and removes both temporary files, however recent."""
+    store = tmp_path / "store"
+    shutil.copytree(one_process_store, store)
+    index = json.loads((store / "index.json").read_text())
+    record = index["volumes"].pop(0)
+    index["entries"] = [{**e, "status": "pending", "file": ""} if e["path"] == record["path"] else e
+                        for e in index["entries"]]
+    (store / "index.json").write_text(json.dumps(index))
+    target = store / record["file"]
+    killed_writer = ("import os, signal, sys\nfrom BrainDINOLib.atomic import atomic_path\n"
+                     "data = open(sys.argv[1], 'rb').read()\nos.remove(sys.argv[1])\n"
+                     "with atomic_path(sys.argv[1]) as tmp:\n"
+                     "    tmp.write_bytes(data[:int(sys.argv[2])])\n"
+                     "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    for size in (target.stat().st_size, 100):  # complete, then torn (each killed writer removes the file first)
+        shutil.copyfile(one_process_store / record["file"], target)
+        killed = subprocess.run([sys.executable, "-c", killed_writer, str(target), str(size)], env=environment())
+        assert killed.returncode == -signal.SIGKILL
+    assert not target.exists() and len(list(target.parent.glob(f".*{TEMP_MARKER}*"))) == 2
+    opened = FeatureStore.open(store)
+    assert opened.files.get(target.parent.name, opened.identity.policy, opened.identity.layers) is None
+
+    with torch_threads(1):
+        assert main(["embed-cohort", str(cohort), "--out", str(store), *model_options(teacher_checkpoint),
+                     "--workers", "0"]) == 0
+    assert "embedded 1 volumes" in capsys.readouterr().out
+    assert not list(store.rglob(f"*{TEMP_MARKER}*")), "a killed writer's temporary file was left in the store"
     assert store_contents(store) == store_contents(one_process_store)
 
 

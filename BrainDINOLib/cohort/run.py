@@ -76,7 +76,9 @@ def plan_run(root: str | Path, cohort: Cohort, identity: StoreIdentity) -> RunPl
     """Open (or make) the store for `identity`, fold an earlier run's journals into its index, and list the
     cohort's volumes that are not done with the file as it is now. Rank 0's job (or the launcher's)."""
     store = FeatureStore.open_for_writing(root, identity)
-    remove_stale_temp_files(store.root)  # what writers killed mid-write left behind
+    # What writers killed mid-write left behind, however recent: no writer of this run has started yet, and a
+    # complete feature file that a killed rank had not yet renamed would otherwise stay in the store as debris.
+    remove_stale_temp_files(store.root, older_than_s=0)
     records, _ = store.compact(cohort)
     pending = []
     for path in map(str, cohort.volumes):
