@@ -150,7 +150,8 @@ def test_a_click_sets_the_similarity_point(page, folders):
     screenshot(page, folders, "page_similarity.png")
     # What the server showed is the engine's similarity to that point, and it peaks at the clicked cell.
     page.click("#save")
-    assert wait_for_text(page, "#status", "^saved|^stopped|^failed", timeout_s=120).startswith("saved")
+    status = wait_for_text(page, "#status", "^saved|^stopped|^failed", timeout_s=120)
+    assert status.startswith("saved"), (status, text(page, "#error"))
     ras = np.array([float(v) for v in re.search(r"RAS \(([-\d.]+), ([-\d.]+), ([-\d.]+)\)", report).groups()])
     expected, cells, cell = reference_similarity(folders, ras)
     shown = read_volume(folders["out"] / "colin27_t1_similarity.nii.gz")
