@@ -147,12 +147,14 @@ def chromium(width: int = 1500, height: int = 760):
     """A page in Debian's headless Chromium, with a fresh profile."""
     from playwright.sync_api import sync_playwright
 
-    profile = tempfile.mkdtemp(prefix="braindino-chromium-")
+    # Chromium puts its singleton socket under TMPDIR, and a Unix socket path holds at most 107 bytes: a test's
+    # deep temporary folder (pytest-xdist's popen-gw1/...) is too long, so the profile lives in a short one.
+    profile = tempfile.mkdtemp(prefix="braindino-chromium-", dir="/tmp" if os.path.isdir("/tmp") else None)
     try:
         with sync_playwright() as playwright:
             context = playwright.chromium.launch_persistent_context(
                 profile, executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS,
-                viewport={"width": width, "height": height})
+                viewport={"width": width, "height": height}, env={**os.environ, "TMPDIR": profile})
             try:
                 yield context.new_page()
             finally:
