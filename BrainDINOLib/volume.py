@@ -18,6 +18,7 @@ import logging
 import os
 import struct
 import tempfile
+import threading
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -137,15 +138,21 @@ def _itk_reason(error: Exception) -> str:
     return lines[-1] if lines else "unreadable"
 
 
+# One thread at a time moves the process's stderr (the Slicer module and the web page read volumes on a worker
+# thread while the main thread may read too): two overlapping redirects would restore each other's capture file
+# and leave stderr pointing into a deleted temporary file.
+_STDERR_REDIRECT = threading.RLock()
+
+
 @contextlib.contextmanager
 def _quiet_itk() -> Iterator[None]:
     """Keep ITK's own messages off stderr while it reads or writes: problems reach the user as one
     BrainDINOError. Its warnings are switched off; what its C libraries print straight to the stderr file
     descriptor (nifticlib's "wrote only N of M bytes", MetaIO's stream errors) is captured and logged at debug
     level."""
-    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)
-    with tempfile.TemporaryFile() as captured:
+    with _STDERR_REDIRECT, tempfile.TemporaryFile() as captured:
+        shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+        sitk.ProcessObject.SetGlobalWarningDisplay(False)
         saved = os.dup(2)
         os.dup2(captured.fileno(), 2)
         try:

@@ -1,5 +1,7 @@
 """Volumes: every format through SimpleITK, canonical LPS orientation, exact write-back, clear errors."""
 import gzip
+import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -156,3 +158,26 @@ def test_unwritable_suffix_is_refused(tmp_path, sample_volume):
 def _write(image: sitk.Image, path: Path) -> Path:
     sitk.WriteImage(image, str(path))
     return path
+
+
+def test_reading_on_two_threads_leaves_stderr_where_it_was(tmp_path):
+    """ITK's messages are captured by moving file descriptor 2 for the read; the Slicer module and the web page
+    read on a worker thread while the main thread may read too, and stderr must come back to where it was."""
+    path = write_array(np.random.default_rng(0).random((8, 9, 10), dtype=np.float32), tmp_path / "small.nii.gz")
+    before = os.fstat(2)
+    errors = []
+
+    def read_many():
+        try:
+            for _ in range(30):
+                read_volume(path)
+        except Exception as error:  # noqa: BLE001  reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=read_many) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    after = os.fstat(2)
+    assert errors == [] and (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino)
