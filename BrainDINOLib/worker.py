@@ -58,7 +58,8 @@ class TorchWorker:
     def cancel(self) -> None:
         """Stop the running job at its next check and drop the queued ones (each ends in `CancelledError`).
 
-        Under the lock the worker takes a job with, so a job taken just before the call is stopped too."""
+        The worker checks a job's generation under the same lock as it starts it, so a job it took from the
+        queue just before this call is dropped too, never started with a cleared flag."""
         with self._lock:
             self._generation += 1
             self._cancel.set()
