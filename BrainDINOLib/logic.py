@@ -76,7 +76,8 @@ HEAD_CHOICES: dict[str, tuple[str, str]] = {
 _COLUMN = {f.name: f.default for f in fields(FitConfig) if f.name.endswith("_column")}  # fit-head's defaults
 LABEL_COLUMN = _COLUMN["label_column"]
 SUBJECT_TARGET_COLUMNS = {CLASSIFICATION: (LABEL_COLUMN,), KNN: (LABEL_COLUMN,),
-                          REGRESSION: (_COLUMN["target_column"],), SURVIVAL: (_COLUMN["time_column"], _COLUMN["event_column"])}
+                          REGRESSION: (_COLUMN["target_column"],),
+                          SURVIVAL: (_COLUMN["time_column"], _COLUMN["event_column"])}
 
 
 # ---- fine-tuning: labelled cases of the scene --------------------------------------------------------------

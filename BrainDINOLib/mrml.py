@@ -408,7 +408,6 @@ def point_lps(markups_node, index: int, reference) -> np.ndarray:
     return RAS_FROM_LPS @ np.asarray(local, dtype=np.float64)
 
 
-
 def displayed_planes(slice_nodes: Sequence, geometry: Geometry) -> Planes | None:
     """The canonical voxel planes of a volume on `geometry` that `slice_nodes` show: each slice lies in one voxel
     plane, or between two (both: the views interpolate), of the axis it is normal to. None if a slice is oblique

@@ -95,9 +95,8 @@ def import_loops(graph: dict[str, set[str]]) -> list[set[str]]:
                 low[node] = min(low[node], index[other])
         if low[node] == index[node]:
             component = set()
-            while not component or member != node:
-                member = stack.pop()
-                component.add(member)
+            while node not in component:
+                component.add(stack.pop())
             if len(component) > 1:
                 loops.append(component)
 
