@@ -48,11 +48,13 @@ class TorchWorker:
         self._progress = (0, 0)
         self._current: Job | None = None
         self._generation = 0  # how many times `cancel` was called; a job submitted before the last call is dropped
+        self._unfinished = 0  # jobs submitted whose callbacks `poll()` has not run yet
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def submit(self, job: Job) -> None:
         with self._lock:
+            self._unfinished += 1
             self._jobs.put((self._generation, job))
 
     def cancel(self) -> None:
@@ -66,8 +68,10 @@ class TorchWorker:
 
     @property
     def busy(self) -> bool:
-        """A job runs, waits, or has finished and waits for `poll()`."""
-        return self._current is not None or not self._jobs.empty() or not self._finished.empty()
+        """A job runs, waits, or has finished and waits for `poll()` to take it. One count, changed under the lock by
+        `submit` and `poll`: reading the queues and the running job one by one could read False in the instant
+        between the worker taking a job and marking it as running, and a poller would stop with work left."""
+        return self._unfinished > 0
 
     def status(self) -> tuple[str, int, int]:
         """(label of the running job or "", done, total)."""
@@ -83,6 +87,8 @@ class TorchWorker:
             except queue.Empty:
                 return count
             count += 1
+            with self._lock:  # before the callbacks, which may read `busy` to tell a user interface it is idle
+                self._unfinished -= 1
             if error is None:
                 if job.on_done:
                     job.on_done(result)
@@ -124,7 +130,7 @@ class TorchWorker:
                     outcome = (job, job.work(self._report, self._cancel.is_set), None)
                 except BaseException as error:  # handed to the polling thread, which shows it
                     outcome = (job, None, error)
-            self._finished.put(outcome)  # before `_current` is cleared, so `busy` never reads False in between
+            self._finished.put(outcome)
             with self._lock:
                 self._current = None
             self._jobs.task_done()

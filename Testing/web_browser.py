@@ -184,12 +184,14 @@ def text(page, selector: str) -> str:
 
 
 def wait_for_text(page, selector: str, pattern: str, timeout_s: float = 60.0, other_than: str | None = None) -> str:
-    """Wait until the element's text matches the regular expression (and differs from `other_than`)."""
-    page.wait_for_function(
+    """Wait until the element's text matches the regular expression (and differs from `other_than`); return the
+    text that matched (background work may change it a moment later)."""
+    matched = page.wait_for_function(
         "([sel, pat, old]) => { const e = document.querySelector(sel);"
-        " return e !== null && new RegExp(pat).test(e.innerText) && (old === null || e.innerText !== old); }",
+        " return e !== null && new RegExp(pat).test(e.innerText) && (old === null || e.innerText !== old)"
+        " && { text: e.innerText }; }",
         arg=[selector, pattern, other_than], timeout=timeout_s * 1000, polling=100)
-    return page.inner_text(selector)
+    return matched.json_value()["text"]
 
 
 def choose(page, select_id: str, option: str) -> None:

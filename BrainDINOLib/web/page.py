@@ -25,6 +25,7 @@ import psutil
 from .. import mrml
 from ..errors import BrainDINOError, CancelledError
 from ..logic import flatten
+from ..map_defaults import MAP_DEFAULTS
 from ..resolution import PRESETS, default_policy
 from ..volume import Volume, ras_to_lps, read_label_volume, read_volume
 from .config import ServeConfig
@@ -97,7 +98,7 @@ class BrainDINOPage:
             "resolutions": [AS_STARTED, *PRESETS], "resolution": AS_STARTED,
             "heads": files, "head_name": None, "label_files": self.data.volumes(), "labels_name": None,
             "busy": False, "progress": 0, "status": "", "error": "", "model_info": "",
-            "overlays": [], "overlay": None, "opacity": 0.5, "clusters": 8, "clusters_visible": True,
+            "overlays": [], "overlay": None, "opacity": 0.5, "clusters": MAP_DEFAULTS.clusters, "clusters_visible": True,
             "click_report": "", "brush": "off", "brush_status": "", "painted_status": "", "brush_mm": 8.0,
             "structure": "", "structures": [],
             "predictions": [], "prediction_columns": [], "saved": "", "memory_mib": rss_mib(),
@@ -541,16 +542,21 @@ class BrainDINOPage:
         point = self.point_lps if self.point_lps is not None else volume.geometry.index_to_lps(
             (np.array(volume.shape) - 1)[None] / 2.0)[0]
         maps, classes, predictions = dict(self.maps), dict(self.classes), list(self.state.predictions)
-
-        def complete() -> dict[str, Volume]:
-            return {name: values() if callable(values) else values for name, values in maps.items()}
+        self._whole_similarity = None  # Save maps the whole volume itself, and the views then show that map
         title = f"BrainDINO: {self.state.model_info}"
 
-        def show(written: list[Path]) -> None:
+        def work(progress, cancel) -> tuple[list[Path], dict[str, Volume]]:
+            complete = {name: values() if callable(values) else values for name, values in maps.items()}
+            return save_outputs(self.out, stem, volume, complete, classes, predictions, point, title), complete
+
+        def show(result: tuple[list[Path], dict[str, Volume]]) -> None:
+            written, complete = result
+            for name, values in maps.items():
+                if callable(values) and self.maps.get(name) is values:  # no newer click replaced it meanwhile
+                    self._show_map(name, complete[name])
             self.state.saved = ", ".join(path.name for path in written)
             self._finish(f"saved {len(written)} files into the output folder")
-        self._run("saving", lambda progress, cancel: save_outputs(self.out, stem, volume, complete(), classes,
-                                                                  predictions, point, title), show)
+        self._run("saving", work, show)
 
 
 def _cell(value):
