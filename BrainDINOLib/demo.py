@@ -25,6 +25,7 @@ from .errors import BrainDINOError
 from .features import VolumeFeatures
 from .heads import FewShotResult, few_shot_segment
 from .heads.metrics import dice_per_class
+from .map_defaults import MAP_DEFAULTS
 from .maps import SimilarityIndex, cluster_map, pca_map
 from .montage import OverlayStyle, Panel, save_report
 from .resolution import LEGACY, ResolutionPolicy
@@ -62,7 +63,7 @@ class DemoConfig:
     precision: str = "auto"  # inference.py: int8 on an x86 CPU, bf16 on CUDA; "fp32" for the reference
     batch_size: int | None = None
     point: NamedPoint = LEFT_PUTAMEN
-    clusters: int = 8
+    clusters: int = MAP_DEFAULTS.clusters
     labelled_slices: int = 5
     compare_with: ResolutionPolicy | None = LEGACY  # also run PCA and few-shot at this resolution, to compare
 

@@ -93,3 +93,19 @@ def test_options_left_out_keep_the_engine_defaults_which_the_help_states():
         for name in names:
             assert actions[name].default == "==SUPPRESS=="
             assert re.search(r"\(default (\S+)\)", actions[name].help).group(1) == str(defaults[name]), name
+
+
+def test_map_options_default_to_the_maps_own_defaults():
+    """`pca` and `cluster` restate no number: left out, their options are the map functions' defaults."""
+    import inspect
+
+    from BrainDINOLib.maps import cluster_map, pca_map
+
+    for command, function, names in [("pca", pca_map, {"components": "components", "seed": "seed"}),
+                                     ("cluster", cluster_map, {"clusters": "k", "seed": "seed"})]:
+        actions = _subcommand_actions(command)
+        parameters = inspect.signature(function).parameters
+        for option, parameter in names.items():
+            assert actions[option].default == parameters[parameter].default, (command, option)
+            assert f"(default {parameters[parameter].default})" in actions[option].help % {
+                "default": actions[option].default}, (command, option)

@@ -12,7 +12,7 @@ PACKAGE = "BrainDINOLib"
 # Lowest first. A module belongs to the first layer with an entry that is the module or a package above it.
 LAYERS: list[tuple[str, set[str]]] = [
     ("core", {"BrainDINOLib", "errors", "atomic", "volume", "slices", "resolution", "architecture", "checkpoints",
-              "memory", "inference", "precision", "preprocessing", "encoder", "upsample", "features", "cache",
+              "memory", "inference", "precision", "preprocessing", "map_defaults", "encoder", "upsample", "features", "cache",
               "embedding", "session", "threads", "atlas", "tissue", "synthetic", "manifest", "montage"}),
     ("analysis", {"maps", "heads", "cohort", "training"}),
     ("application", {"logic", "mrml", "worker", "process", "dependencies", "demo"}),

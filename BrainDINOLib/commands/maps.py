@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..map_defaults import MAP_DEFAULTS
 from .common import add_model_options, declare_files, int_between, open_session, tqdm_progress
 
 if TYPE_CHECKING:
@@ -160,13 +161,14 @@ def _map_parser(commands: argparse._SubParsersAction, name: str, help_text: str,
 
 def register(commands: argparse._SubParsersAction) -> None:
     pca = _map_parser(commands, "pca", "PCA of the patch features as an RGB volume", "RGB volume (uint8 x 3)")
-    pca.add_argument("--components", type=int_between(1, 64), default=3,
-                     help="principal components to keep (default 3)")
+    pca.add_argument("--components", type=int_between(1, 64), default=MAP_DEFAULTS.components,
+                     help="principal components to keep (default %(default)s)")
     pca.add_argument("--components-out", type=output_path, default=None,
                      help="also write the first --components components as a float vector volume")
     pca.add_argument("--keep-background", action="store_true",
                      help="fit on every patch and keep colours outside the head mask")
-    pca.add_argument("--seed", type=int, default=0, help="seed of the token subsample (default 0)")
+    pca.add_argument("--seed", type=int, default=MAP_DEFAULTS.seed,
+                     help="seed of the token subsample (default %(default)s)")
     pca.set_defaults(run=run_pca)
     declare_files(pca, inputs={"volume": "file or folder"},
                   outputs={"out": "file", "png": "file", "components_out": "file"})
@@ -194,7 +196,8 @@ def register(commands: argparse._SubParsersAction) -> None:
 
     cluster = _map_parser(commands, "cluster", "k-means regions of the patch features (unsupervised parcellation)",
                           "label volume (uint8, 0 = background)")
-    cluster.add_argument("-k", "--clusters", type=int_between(1, 255), default=8, help="number of regions (default 8)")
-    cluster.add_argument("--seed", type=int, default=0, help="k-means seed (default 0)")
+    cluster.add_argument("-k", "--clusters", type=int_between(1, 255), default=MAP_DEFAULTS.clusters,
+                         help="number of regions (default %(default)s)")
+    cluster.add_argument("--seed", type=int, default=MAP_DEFAULTS.seed, help="k-means seed (default %(default)s)")
     cluster.set_defaults(run=run_cluster)
     declare_files(cluster, inputs={"volume": "file or folder"}, outputs={"out": "file", "png": "file"})

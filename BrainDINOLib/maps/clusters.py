@@ -15,6 +15,7 @@ from sklearn.cluster import KMeans
 
 from ..errors import BrainDINOError
 from ..features import VolumeFeatures
+from ..map_defaults import MAP_DEFAULTS
 from ..volume import Volume
 from .tokens import flat_tokens, foreground_rows, subsample
 
@@ -23,7 +24,8 @@ def _unit_rows(matrix: np.ndarray) -> np.ndarray:
     return matrix / np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
 
 
-def cluster_map(features: VolumeFeatures, k: int = 8, seed: int = 0, sample: int = 20000) -> Volume:
+def cluster_map(features: VolumeFeatures, k: int = MAP_DEFAULTS.clusters, seed: int = MAP_DEFAULTS.seed,
+                sample: int = MAP_DEFAULTS.sample) -> Volume:
     """k-means of the foreground patch tokens into `k` regions: uint8 labels 1..k on the head, 0 elsewhere."""
     if not 1 <= k <= 255:
         raise ValueError(f"k must be between 1 and 255, got {k}")

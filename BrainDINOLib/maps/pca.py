@@ -17,6 +17,7 @@ from sklearn.decomposition import PCA
 
 from ..errors import BrainDINOError
 from ..features import VolumeFeatures
+from ..map_defaults import MAP_DEFAULTS
 from ..volume import Volume
 from .tokens import flat_tokens, foreground_rows, subsample
 
@@ -46,8 +47,8 @@ def _to_rgb(scores: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return np.clip((scores - low) / np.maximum(high - low, 1e-12), 0.0, 1.0) * 255.0
 
 
-def pca_map(features: VolumeFeatures, components: int = 3, remove_background: bool = True, sample: int = 20000,
-            seed: int = 0) -> PCAMap:
+def pca_map(features: VolumeFeatures, components: int = MAP_DEFAULTS.components, remove_background: bool = True,
+            sample: int = MAP_DEFAULTS.sample, seed: int = MAP_DEFAULTS.seed) -> PCAMap:
     """PCA of the patch tokens of `features`, upsampled once to the input's grid.
 
     `remove_background`: fit on the head's patches only and set voxels outside the head mask to 0 in both
