@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 CANONICAL_ORIENTATION = "LPS"
 # Single-file formats only: a header + raw pair (.mhd/.nhdr) cannot be renamed into place atomically.
 WRITABLE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha")
+# What `read_volume` takes as a file (a DICOM series is a folder). ".nii.gz" before ".nii", so a name's stem is
+# found by removing the first suffix it ends with.
+READABLE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..errors import BrainDINOError
 from ..manifest import Manifest
+from ..volume_files import find_volumes
 
 
 @dataclass(frozen=True)
@@ -83,8 +84,6 @@ def read_cohort(source: str | Path, image_columns: Sequence[str] = ()) -> Cohort
 
 
 def _folder_cohort(folder: Path) -> Cohort:
-    from ..training.shards import find_volumes
-
     volumes = find_volumes([folder])
     if not volumes:
         raise BrainDINOError(folder, "holds no volumes (NIfTI, NRRD, MHA/MHD files or DICOM series folders)")

@@ -35,7 +35,7 @@ from ..errors import BrainDINOError, CancelledError
 from ..resolution import ResolutionPolicy
 from ..session import FeatureSession, segmentation_layers
 from ..slices import PreprocessConfig, SliceStack, check_resolution
-from ..training.distributed import Distributed
+from ..distributed import Distributed
 from ..volume import Volume, read_volume
 from .items import Cohort, fingerprint
 from .store import FeatureStore, Journal, StoreIdentity, VolumeRecord
@@ -274,7 +274,7 @@ def embed_cohort(cohort: Cohort, store_root: str | Path, session: FeatureSession
     preprocessing and resolution, keeping blocks `layers` (None: those segmentation reads).
 
     Call it on every process of a torchrun job with the same arguments (`distributed` from
-    `training.distributed.setup_distributed`); without one, it runs as a single process. `workers` DataLoader
+    `distributed.setup_distributed`); without one, it runs as a single process. `workers` DataLoader
     workers read and preprocess per process. Rank 0 reports `progress(finished, total)` for the whole run and
     returns the summary; the other ranks return None. A store made with another model, preprocessing,
     resolution or blocks is refused (`BrainDINOError`) before any work.

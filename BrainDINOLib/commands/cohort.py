@@ -73,7 +73,7 @@ def _embed_here(args: argparse.Namespace, cohort) -> int:
     from ..cohort.run import default_workers, die_with_parent
     from ..encoder import load_encoder
     from ..session import FeatureSession
-    from ..training.distributed import setup_distributed, teardown_distributed
+    from ..distributed import setup_distributed, teardown_distributed
 
     if "WORLD_SIZE" in os.environ:  # started by torchrun: end with it
         die_with_parent(os.getppid())

@@ -17,11 +17,10 @@ import numpy as np
 
 from ..errors import BrainDINOError
 from ..session import FeatureSession
-from ..volume import Volume
+from ..volume import READABLE_SUFFIXES, Volume
 from .card import ClassInfo, default_colour
 from .fewshot import FewShotResult, few_shot_segment
 
-LABEL_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 TABLE_SUFFIXES = (".txt", ".ctbl", ".label")
 
 
@@ -92,7 +91,7 @@ def learn_from_painted(session: FeatureSession, volume: Volume, painted: Painted
 def find_label_table(labels_path: str | Path) -> Path | None:
     """The label table beside a label file: `<name>.txt`, `.ctbl` or `.label` (name without the image suffix)."""
     path = Path(labels_path)
-    stem = next((path.name[:-len(s)] for s in LABEL_SUFFIXES if path.name.endswith(s)), path.stem)
+    stem = next((path.name[:-len(s)] for s in READABLE_SUFFIXES if path.name.endswith(s)), path.stem)
     return next((t for s in TABLE_SUFFIXES if (t := path.with_name(stem + s)).is_file()), None)
 
 

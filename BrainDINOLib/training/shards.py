@@ -7,7 +7,6 @@ inference. Slices are stored as float16 `.npy` shards (a few hundred slices each
 """
 from __future__ import annotations
 
-import csv
 import json
 import logging
 from collections.abc import Callable, Iterable
@@ -22,45 +21,11 @@ from ..errors import BrainDINOError, CancelledError
 from ..resolution import ResolutionPolicy
 from ..slices import PreprocessConfig, SliceStack
 from ..volume import read_volume
+from ..volume_files import find_volumes
 
 log = logging.getLogger(__name__)
 
 INDEX_NAME = "index.json"
-VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
-
-
-def _is_volume_file(path: Path) -> bool:
-    return path.is_file() and path.name.lower().endswith(VOLUME_SUFFIXES)
-
-
-def _from_csv(path: Path) -> list[Path]:
-    """Paths in the `path` column (or the first column) of a CSV, relative to the CSV's folder."""
-    with open(path, newline="") as handle:
-        rows = list(csv.reader(handle))
-    if not rows:
-        raise BrainDINOError(path, "the CSV is empty")
-    header = [c.strip().lower() for c in rows[0]]
-    column = header.index("path") if "path" in header else 0
-    body = rows[1:] if "path" in header else rows
-    return [(path.parent / row[column].strip()) for row in body if row and row[column].strip()]
-
-
-def find_volumes(inputs: Iterable[str | Path]) -> list[Path]:
-    """Volume files and DICOM folders from files, folders (searched recursively) and CSV lists."""
-    found: list[Path] = []
-    for item in map(Path, inputs):
-        if not item.exists():
-            raise BrainDINOError(item, "no such file or folder")
-        if item.is_file() and item.suffix.lower() == ".csv":
-            found.extend(_from_csv(item))
-        elif item.is_file():
-            found.append(item)
-        else:
-            found.extend(sorted(p for p in item.rglob("*") if _is_volume_file(p)))
-            found.extend(sorted({p.parent for p in item.rglob("*.dcm")}))
-    return found
-
-
 @dataclass
 class PrepareSummary:
     volumes: int

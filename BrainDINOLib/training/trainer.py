@@ -26,7 +26,7 @@ from ..errors import BrainDINOError, CancelledError
 from ..slices import PreprocessConfig
 from .batches import StepBatch, StepBatches, StepSlices, collate_single, derive_seed, synthetic_count
 from .config import PretrainConfig, config_from_dict
-from .distributed import Distributed, setup_distributed, teardown_distributed
+from ..distributed import Distributed, setup_distributed, teardown_distributed
 from .export import export_teacher
 from .losses import TeacherTargets, dino_loss, koleo_loss, cross_entropy
 from .monitoring import MetricsLog, plot_loss_curves

@@ -15,9 +15,9 @@ import socket
 from pathlib import Path
 
 from ..errors import BrainDINOError
+from ..volume import READABLE_SUFFIXES
 
 MIN_TOKEN_LENGTH = 16
-VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 MODEL_SUFFIXES = (".pth", ".pt", ".safetensors")
 MAX_LISTED = 2000  # names offered in the page's lists (a data folder may hold a whole archive)
 
@@ -86,7 +86,7 @@ class DataFolder:
 
     def volumes(self) -> list[str]:
         """Volume files and DICOM series folders, as names relative to the folder."""
-        return self._listed(lambda path, name: name.endswith(VOLUME_SUFFIXES) and path.is_file()
+        return self._listed(lambda path, name: name.endswith(READABLE_SUFFIXES) and path.is_file()
                             or _is_dicom_folder(path))
 
     def model_files(self) -> list[str]:

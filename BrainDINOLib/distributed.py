@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..encoder import select_device
+from .encoder import select_device
 
 
 @dataclass(frozen=True)
