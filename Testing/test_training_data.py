@@ -13,10 +13,10 @@ import torch
 from training_helpers import (MICRO_CONFIG, REPO, environment, micro_shards, single_thread,  # noqa: F401
                               two_mm_brain)
 
-from BrainDINOLib import BrainDINOError, PreprocessConfig, SliceStack, load_encoder, read_volume
+from BrainDINOLib import BrainDINOError, SliceStack, load_encoder, read_volume
 from BrainDINOLib.resolution import ResolutionPolicy
 from BrainDINOLib.training import SliceShards, load_config, prepare_slices
-from BrainDINOLib.training.augment import MultiCrop, adjust_gamma, gaussian_blur, hashed_normal, scale_contrast
+from BrainDINOLib.training.augment import adjust_gamma, gaussian_blur, hashed_normal, scale_contrast
 from BrainDINOLib.training.batches import StepBatches, StepSlices
 from BrainDINOLib.training.config import SyntheticConfig
 from BrainDINOLib.training.synthbrain import SyntheticBrains

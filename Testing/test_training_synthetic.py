@@ -62,7 +62,7 @@ def test_mri_like_contrasts_order_the_tissues_as_the_sequence_does(contrast, dar
 def test_images_are_normalised_like_the_engines_slices():
     """Clipped and z-scored with the statistics of the whole rendered volume: over many slices the head is
     centred near 0 with unit spread, the background sits at the low clip, and ranges are those of real shards."""
-    head_values, backgrounds = [], []
+    head_values = []
     for seed in range(12):
         generated = draw(COARSE, seed)
         image = generated.image[0].numpy()
