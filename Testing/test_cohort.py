@@ -1,12 +1,12 @@
 """Cohorts: `braindino embed-cohort` into a feature store, and heads fitted and evaluated from it.
 
-A cohort of six generated tissue cases at 6 mm and the tiny fixture encoder at 64 px (4 x 4 patches) on every
-slice, so that a whole run is seconds of compute. Asserted: two gloo processes under torchrun write the same store
-as one process, bit for bit; a run with one rank killed by SIGKILL, resumed (by one process), equals an
-uninterrupted one; a feature file a killed writer left under its temporary name is neither served nor left behind;
-a second run changes nothing; a volume that cannot be read is skipped and named, and fails
-the run only with --strict; a head fitted (and evaluated) from the store equals one fitted by embedding the
-manifest directly.
+A cohort of six generated tissue cases at 6 mm and the tiny fixture encoder at 64 px (4 x 4 patches) on every slice,
+so that a whole run is seconds of compute. Asserted: two gloo processes under torchrun write the same store as one
+process, bit for bit; a run with one rank killed by SIGKILL, resumed (by one process), equals an uninterrupted one;
+a feature file a killed writer left under its temporary name is neither served nor left behind; a second run changes
+nothing; a run on a store another process is filling is refused; a volume that cannot be read is skipped and named,
+and fails the run only with --strict; a head fitted (and evaluated) from the store equals one fitted by embedding
+the manifest directly.
 """
 from __future__ import annotations
 
@@ -215,6 +215,44 @@ def test_a_second_run_changes_nothing(cohort, one_process_store, tmp_path, teach
     assert "nothing to embed" in out and f"{CASES} volume(s) were already in the store" in out, out
     assert (store / "index.json").read_bytes() == index
     assert {p: p.stat().st_mtime_ns for p in store.rglob("*.safetensors")} == before
+
+
+HOLD_THE_STORE = """
+import sys, time
+from BrainDINOLib.cohort import FeatureStore
+store = FeatureStore.open(sys.argv[1])
+with FeatureStore.filling(store.root, store.identity):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_run_on_a_store_another_run_is_filling_is_refused_until_that_one_ends(cohort, one_process_store, tmp_path,
+                                                                               teacher_checkpoint, capsys):
+    """Another process holds the store as a run does: embed-cohort (one process, or the torchrun launcher) exits
+    with code 2 and one line, leaving the store as it was; once that process is killed, the same command runs."""
+    store = tmp_path / "busy"
+    shutil.copytree(one_process_store, store)
+    index = (store / "index.json").read_bytes()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_STORE, str(store)], env=environment(),
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for extra in ([], ["--nproc-per-node", "2"]):
+            with torch_threads(1):
+                assert main(["embed-cohort", str(cohort), "--out", str(store), *model_options(teacher_checkpoint),
+                             "--workers", "0", *extra]) == 2
+            err = capsys.readouterr().err.strip()
+            assert err == (f"braindino: error: {store}: another run is filling this store now; wait for it to end, "
+                           "or give another folder"), err
+        assert (store / "index.json").read_bytes() == index
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+    with torch_threads(1):
+        assert main(["embed-cohort", str(cohort), "--out", str(store), *model_options(teacher_checkpoint),
+                     "--workers", "0"]) == 0
+    assert "nothing to embed" in capsys.readouterr().out
 
 
 def test_a_bad_volume_in_the_middle_is_skipped_and_named(cohort, one_process_store, tmp_path, teacher_checkpoint,

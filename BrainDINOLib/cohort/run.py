@@ -1,14 +1,15 @@
 """`embed_cohort`: every volume of a cohort through a `FeatureSession` into a `FeatureStore`, in one process or
 split across the processes torchrun starts (one per GPU, or several on a CPU, on one node or many), resumable.
 
-Rank 0 plans the run (`plan_run`): it opens the store, folds the journals of an earlier run into the index and
-lists the volumes still missing (never done, skipped before, or changed since). Every process then takes every
-world-size-th of them, in the cohort's order: a fixed split, and which process embeds a volume does not change
-its features. In each process, DataLoader workers read the volumes and build their `SliceStack`s on the CPU
-while the device embeds the one before (`FeatureSession.features`, the engine's one way to features), and every
-finished volume is written to the store and then recorded in the process's journal. A volume that cannot be read
-is recorded as skipped, with the reason, and the run goes on. Rank 0 shows the progress of the whole cohort
-(from every process's journal), waits for the others and writes the index.
+Rank 0 holds the store for the whole run (`FeatureStore.filling`: a second run on it is refused at once) and plans
+the run (`plan_run`): it folds the journals of an earlier run into the index and lists the volumes still missing
+(never done, skipped before, or changed since). Every process then takes every world-size-th of them, in the
+cohort's order: a fixed split, and which process embeds a volume does not change its features. In each process,
+DataLoader workers read the volumes and build their `SliceStack`s on the CPU while the device embeds the one before
+(`FeatureSession.features`, the engine's one way to features), and every finished volume is written to the store and
+then recorded in the process's journal. A volume that cannot be read is recorded as skipped, with the reason, and
+the run goes on. Rank 0 shows the progress of the whole cohort (from every process's journal), waits for the others
+and writes the index.
 """
 from __future__ import annotations
 
@@ -72,12 +73,12 @@ class RunPlan:
     pending: list[str]
 
 
-def plan_run(root: str | Path, cohort: Cohort, identity: StoreIdentity) -> RunPlan:
-    """Open (or make) the store for `identity`, fold an earlier run's journals into its index, and list the
+def plan_run(store: FeatureStore, cohort: Cohort) -> RunPlan:
+    """Fold an earlier run's journals into the index of `store` (held: `FeatureStore.filling`), and list the
     cohort's volumes that are not done with the file as it is now. Rank 0's job (or the launcher's)."""
-    store = FeatureStore.open_for_writing(root, identity)
-    # What writers killed mid-write left behind, however recent: no writer of this run has started yet, and a
-    # complete feature file that a killed rank had not yet renamed would otherwise stay in the store as debris.
+    # What writers killed mid-write left behind, however recent: this run holds the store and none of its writers
+    # has started yet, and a complete feature file that a killed rank had not yet renamed would otherwise stay in
+    # the store as debris.
     remove_stale_temp_files(store.root, older_than_s=0)
     records, _ = store.compact(cohort)
     pending = []
@@ -283,27 +284,30 @@ def embed_cohort(cohort: Cohort, store_root: str | Path, session: FeatureSession
     distributed = distributed or Distributed(0, 1, 0, session.encoder.device)
     identity = cohort_identity(session.encoder.checkpoint, session.encoder.precision, session.policy, layers,
                                session.preprocessing)
-    plan = plan_run(store_root, cohort, identity) if distributed.is_main else None
-    pending: list[str] = distributed.broadcast(plan.pending if plan else None)
-    store = plan.store if plan else FeatureStore.open_for_writing(store_root, identity)
-    # The store is this session's cache: a volume whose file a killed run wrote but did not record is read back.
-    embedding = FeatureSession(session.encoder, session.policy, session.preprocessing, store.files, session.batch_size,
-                               memory_volumes=0)
-    share = pending[distributed.rank::distributed.world_size]
-    log.info("rank %d: %d of %d volumes to embed", distributed.rank, len(share), len(pending))
-    loader = DataLoader(ReadAndPreprocess(share, session.encoder.patch_size, session.preprocessing, session.policy),
-                        batch_size=None, num_workers=workers if share else 0, collate_fn=_as_is,
-                        worker_init_fn=functools.partial(_worker_dies_with_parent, parent=os.getpid()))
-    prepared_volumes = iter(loader)  # the workers start here, before rank 0's watcher thread
-    watcher = JournalWatcher(store, len(pending), progress) if distributed.is_main else None
-    with store.journal(distributed.rank) as journal, watcher or contextlib.nullcontext():
-        _embed_share(prepared_volumes, embedding, identity.layers, store, journal, distributed.rank, cancel)
-        if watcher is not None:
-            watcher.wait_for_all()
-    if not distributed.is_main:
-        return None
-    _, added = store.compact(cohort)
-    return summarise(plan, added, time.perf_counter() - started, distributed.world_size)
+    with contextlib.ExitStack() as held:  # rank 0 holds the store for the whole run
+        plan = plan_run(held.enter_context(FeatureStore.filling(store_root, identity)), cohort) \
+            if distributed.is_main else None
+        pending: list[str] = distributed.broadcast(plan.pending if plan else None)
+        store = plan.store if plan else FeatureStore.open_for_writing(store_root, identity)
+        # The store is this session's cache: a volume whose file a killed run wrote but did not record is read back.
+        embedding = FeatureSession(session.encoder, session.policy, session.preprocessing, store.files,
+                                   session.batch_size, memory_volumes=0)
+        share = pending[distributed.rank::distributed.world_size]
+        log.info("rank %d: %d of %d volumes to embed", distributed.rank, len(share), len(pending))
+        loader = DataLoader(ReadAndPreprocess(share, session.encoder.patch_size, session.preprocessing,
+                                              session.policy),
+                            batch_size=None, num_workers=workers if share else 0, collate_fn=_as_is,
+                            worker_init_fn=functools.partial(_worker_dies_with_parent, parent=os.getpid()))
+        prepared_volumes = iter(loader)  # the workers start here, before rank 0's watcher thread
+        watcher = JournalWatcher(store, len(pending), progress) if distributed.is_main else None
+        with store.journal(distributed.rank) as journal, watcher or contextlib.nullcontext():
+            _embed_share(prepared_volumes, embedding, identity.layers, store, journal, distributed.rank, cancel)
+            if watcher is not None:
+                watcher.wait_for_all()
+        if not distributed.is_main:
+            return None
+        _, added = store.compact(cohort)
+        return summarise(plan, added, time.perf_counter() - started, distributed.world_size)
 
 
 def _embed_share(prepared_volumes, session: FeatureSession, layers: Sequence[int], store: FeatureStore,

@@ -21,10 +21,12 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from filelock import FileLock, Timeout
 
 from ..atomic import TEMP_MARKER, write_text_atomic
 from ..cache import FeatureCache
@@ -42,6 +44,7 @@ log = logging.getLogger(__name__)
 INDEX_NAME = "index.json"
 FEATURES_FOLDER = "features"
 JOURNAL_FOLDER = "journal"
+WRITER_LOCK = "writer.lock"  # held by the run that fills the store (`FeatureStore.filling`)
 STORE_FORMAT = "braindino-feature-store"
 STORE_VERSION = 1
 
@@ -168,7 +171,8 @@ def read_journal(path: Path) -> list[VolumeRecord]:
 
 
 class FeatureStore:
-    """A store folder: `open` to read one (heads), `open_for_writing` to fill one (`embed_cohort`)."""
+    """A store folder: `open` to read one (heads), `open_for_writing` to fill one (`embed_cohort`), `filling` to be
+    the one run that fills it."""
 
     def __init__(self, root: str | Path, identity: StoreIdentity, index: dict | None = None):
         self.root = Path(root)
@@ -228,6 +232,25 @@ class FeatureStore:
             store = cls(root, identity)
             store.write_index(None, {})
         return store
+
+    @classmethod
+    @contextlib.contextmanager
+    def filling(cls, root: str | Path, identity: StoreIdentity) -> Iterator[FeatureStore]:
+        """The store at `root` opened for writing (`open_for_writing`), held by this process alone while the block
+        runs. A second run on the same store is refused at once, instead of racing the first on the index and
+        removing its temporary files. The lock is the operating system's (flock), so a killed run holds nothing;
+        its file is made only in a folder that is already a store."""
+        store = cls.open_for_writing(root, identity)
+        lock = FileLock(store.root / WRITER_LOCK)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise BrainDINOError(store.root, "another run is filling this store now; wait for it to end, or give "
+                                             "another folder") from None
+        try:
+            yield store
+        finally:
+            lock.release()
 
     # ---- records ------------------------------------------------------------------------------------------------
 

@@ -112,7 +112,8 @@ def _launch(args: argparse.Namespace, cohort) -> int:
     device = select_device(args.device)
     policy = policy_from_args(args, device.type)
     identity = cohort_identity(checkpoint, resolve_precision(args.precision, device), policy, args.layers)
-    plan = plan_run(args.out, cohort, identity)
+    with FeatureStore.filling(args.out, identity) as store:  # released before torchrun's rank 0 takes it
+        plan = plan_run(store, cohort)
     if plan.pending:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                    f"--nproc_per_node={args.nproc_per_node}", "-m", "BrainDINOLib.cli",
