@@ -298,6 +298,7 @@ class BrainDINOLogic:
         self.model_source: str = ""
         self.process: ChildProcess | None = None  # the running child process, if any
         self._similarity: tuple[VolumeFeatures, Any] | None = None  # (features, their SimilarityIndex)
+        self._node_volume: tuple[tuple, Volume] | None = None  # ((node ID, modified times), its Volume)
 
     def shutdown(self) -> None:
         """Stop the worker thread and any child process (the front end is closing)."""
@@ -344,12 +345,17 @@ class BrainDINOLogic:
     # ---- features ------------------------------------------------------------------------------------------
 
     def volume_from_node(self, volume_node) -> Volume:
-        """A volume node as an engine `Volume` (main thread)."""
+        """A volume node as an engine `Volume` (main thread). The same object again while the node and its voxels
+        are unchanged (their modification times), so that the session finds its features without copying and
+        hashing the voxels again: a similarity point dragged across the views asks on every move."""
         if volume_node is None:
             raise BrainDINOError("input", "no input volume selected")
         from . import mrml
 
-        return mrml.volume_from_node(volume_node)
+        stamp = (volume_node.GetID(), *mrml.modified_times(volume_node))
+        if self._node_volume is None or self._node_volume[0] != stamp:
+            self._node_volume = (stamp, mrml.volume_from_node(volume_node))
+        return self._node_volume[1]
 
     def features(self, volume: Volume, layers: Sequence[int] = (), progress: Progress | None = None,
                  cancel: Cancel | None = None) -> VolumeFeatures:

@@ -66,6 +66,12 @@ def _image_data(node) -> vtk.vtkImageData:
     return image
 
 
+def modified_times(node) -> tuple[int, int]:
+    """VTK's modification times of a volume node (geometry, name) and of its image data (voxels, once a changed
+    array is marked `Modified`, as `slicer.util.arrayFromVolumeModified` does)."""
+    return node.GetMTime(), _image_data(node).GetMTime()
+
+
 def geometry_from_node(node) -> Geometry:
     """The LPS `Geometry` of a volume node's IJK grid (in its parent transform's frame)."""
     image = _image_data(node)

@@ -10,6 +10,7 @@ and the result cached.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -46,6 +47,9 @@ class FeatureSession:
     batch_size: int | None = None
     memory_volumes: int = 2  # volumes whose features stay in memory
     _memory: OrderedDict[str, list[VolumeFeatures]] = field(default_factory=OrderedDict, repr=False)
+    # Cache keys of the Volume objects asked about, by id, with a weak reference that tells a live object from a
+    # later one at the same address and removes the entry when its volume is gone.
+    _keys: dict[int, tuple[weakref.ref, str]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def open(cls, model: str | Path = "demo", device: str | torch.device | None = None,
@@ -75,8 +79,20 @@ class FeatureSession:
 
     def cache_key(self, volume: Volume) -> str:
         """The key of `volume`'s features under this session's model, precision and preprocessing (see
-        `volume_key`)."""
-        return volume_key(volume, self.encoder.feature_id, self.preprocessing)
+        `volume_key`). Hashed once per `Volume` object (a Volume is never changed in place: maps and labels are
+        new Volumes), so asking again for the features of a volume in hand (a click of the web page, a moved
+        point in Slicer) costs no pass over its voxels."""
+        known = self._keys.get(id(volume))
+        if known is not None and known[0]() is volume:
+            return known[1]
+        key = volume_key(volume, self.encoder.feature_id, self.preprocessing)
+        ident = id(volume)
+
+        def forget(reference: weakref.ref) -> None:
+            if self._keys.get(ident, (None,))[0] is reference:
+                del self._keys[ident]
+        self._keys[ident] = (weakref.ref(volume, forget), key)
+        return key
 
     def features(self, volume: Volume, layers: Sequence[int] = (), progress: Progress | None = None,
                  cancel: Cancel | None = None, stack: SliceStack | None = None) -> VolumeFeatures:

@@ -74,6 +74,38 @@ def test_features_are_reused_in_memory(logic, t1_node, features):
     assert sorted(features.layers) == list(logic.segmentation_layers())
 
 
+def test_an_unchanged_node_is_one_volume_whose_key_is_hashed_once(scene, logic, monkeypatch):
+    """A similarity point dragged in Slicer asks for the node's volume and its features on every move: while the
+    node is unchanged the Logic hands out the same Volume, whose cache key the session hashed once; changed voxels
+    (marked Modified, as Slicer's arrayFromVolumeModified does) or a moved origin give a new Volume."""
+    from vtk.util import numpy_support
+
+    from BrainDINOLib import session as session_module
+    from BrainDINOLib.cache import volume_key
+
+    hashed = []
+
+    def counted_key(*args):
+        hashed.append(args[0])
+        return volume_key(*args)
+    monkeypatch.setattr(session_module, "volume_key", counted_key)
+    node = mrml.volume_to_node(read_coarse(SAMPLE_T1, mm=6.0), scene, "colin27 6mm")  # its own: it is changed here
+    volume = logic.volume_from_node(node)
+    keys = {logic.session.cache_key(logic.volume_from_node(node)) for _ in range(3)}
+    assert logic.volume_from_node(node) is volume and len(keys) == 1 and hashed == [volume]
+    again = mrml.volume_from_node(node)  # the same voxels in another object: hashed, to the same key
+    assert logic.session.cache_key(again) in keys and len(hashed) == 2
+
+    scalars = node.GetImageData().GetPointData().GetScalars()
+    numpy_support.vtk_to_numpy(scalars)[0] += 100.0
+    scalars.Modified()
+    changed = logic.volume_from_node(node)
+    assert changed is not volume and logic.session.cache_key(changed) not in keys
+    node.SetOrigin(*(np.array(node.GetOrigin()) + 5.0))
+    moved = logic.volume_from_node(node)
+    assert moved is not changed and np.allclose(np.abs(np.subtract(moved.geometry.origin, changed.geometry.origin)), 5.0)
+
+
 def test_pca_clusters_and_attention_land_on_the_input_grid(logic, t1_node, features):
     pca = logic.show_pca(logic.pca_map(features), t1_node, opacity=0.4)
     assert pca.GetImageData().GetDimensions() == t1_node.GetImageData().GetDimensions()

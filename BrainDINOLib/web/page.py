@@ -84,8 +84,6 @@ class BrainDINOPage:
         self.classes: dict[str, tuple] = {}  # class tables of the label volumes in `maps`
         self.point_lps: np.ndarray | None = None  # the last similarity point
         self._model_key: tuple | None = None  # (model, resolution) the Logic's session was opened with
-        # The loaded volume's features by blocks asked for, under that model: (volume, {layers: features}).
-        self._held: tuple[Volume | None, dict[tuple[int, ...], Any]] = (None, {})
         self._wanted_point: tuple[str, np.ndarray] | None = None  # (view, RAS) of the newest click not mapped yet
         self._whole_similarity: np.ndarray | None = None  # LPS point whose whole-volume map should follow
         self._whole_timer: asyncio.TimerHandle | None = None
@@ -230,14 +228,7 @@ class BrainDINOPage:
                 open_model(self.logic, source, self.config.device, self._policy, self.config.batch_size,
                            self.config.precision)
                 self._model_key = (source, resolution)
-                self._held = (None, {})
-            layers = layers_for()
-            held_volume, held = self._held
-            features = held.get(layers) if held_volume is volume else None
-            if features is None:  # the Logic finds them by a hash of the voxels: tens of ms a click, saved here
-                features = self.logic.features(volume, layers, progress, cancel)
-                self._held = (volume, {**(held if held_volume is volume else {}), layers: features})
-            return then(features, progress, cancel)
+            return then(self.logic.features(volume, layers_for(), progress, cancel), progress, cancel)
 
         def done(result) -> None:
             self.state.model_info = self.logic.describe_model()
