@@ -12,8 +12,9 @@ PACKAGE = "BrainDINOLib"
 # Lowest first. A module belongs to the first layer with an entry that is the module or a package above it.
 LAYERS: list[tuple[str, set[str]]] = [
     ("core", {"BrainDINOLib", "errors", "atomic", "volume", "slices", "resolution", "architecture", "checkpoints",
-              "memory", "inference", "precision", "preprocessing", "map_defaults", "encoder", "distributed", "volume_files", "upsample", "features", "cache",
-              "embedding", "session", "threads", "atlas", "tissue", "synthetic", "manifest", "montage"}),
+              "memory", "inference", "precision", "preprocessing", "map_defaults", "encoder", "distributed",
+              "volume_files", "upsample", "features", "cache", "embedding", "session", "threads", "atlas", "tissue",
+              "synthetic", "manifest", "montage"}),
     ("analysis", {"maps", "heads", "cohort", "training"}),
     ("application", {"logic", "mrml", "worker", "process", "dependencies", "demo"}),
     ("interfaces", {"commands", "web"}),

@@ -103,7 +103,8 @@ def test_an_unchanged_node_is_one_volume_whose_key_is_hashed_once(scene, logic, 
     assert changed is not volume and logic.session.cache_key(changed) not in keys
     node.SetOrigin(*(np.array(node.GetOrigin()) + 5.0))
     moved = logic.volume_from_node(node)
-    assert moved is not changed and np.allclose(np.abs(np.subtract(moved.geometry.origin, changed.geometry.origin)), 5.0)
+    shift = np.subtract(moved.geometry.origin, changed.geometry.origin)
+    assert moved is not changed and np.allclose(np.abs(shift), 5.0)
 
 
 def test_pca_clusters_and_attention_land_on_the_input_grid(logic, t1_node, features):

@@ -31,12 +31,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..atomic import remove_stale_temp_files
 from ..checkpoints import Checkpoint
+from ..distributed import Distributed
 from ..embedding import default_preprocessing
 from ..errors import BrainDINOError, CancelledError
 from ..resolution import ResolutionPolicy
 from ..session import FeatureSession, segmentation_layers
 from ..slices import PreprocessConfig, SliceStack, check_resolution
-from ..distributed import Distributed
 from ..volume import Volume, read_volume
 from .items import Cohort, fingerprint
 from .store import FeatureStore, Journal, StoreIdentity, VolumeRecord

@@ -71,9 +71,9 @@ def _embed_here(args: argparse.Namespace, cohort) -> int:
     """This process embeds its share: the only one, or one of the processes torchrun started."""
     from ..cohort import embed_cohort
     from ..cohort.run import default_workers, die_with_parent
+    from ..distributed import setup_distributed, teardown_distributed
     from ..encoder import load_encoder
     from ..session import FeatureSession
-    from ..distributed import setup_distributed, teardown_distributed
 
     if "WORLD_SIZE" in os.environ:  # started by torchrun: end with it
         die_with_parent(os.getppid())

@@ -21,12 +21,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from ..atomic import atomic_path, write_text_atomic
+from ..distributed import Distributed, setup_distributed, teardown_distributed
 from ..encoder import autocast_for
 from ..errors import BrainDINOError, CancelledError
 from ..slices import PreprocessConfig
 from .batches import StepBatch, StepBatches, StepSlices, collate_single, derive_seed, synthetic_count
 from .config import PretrainConfig, config_from_dict
-from ..distributed import Distributed, setup_distributed, teardown_distributed
 from .export import export_teacher
 from .losses import TeacherTargets, dino_loss, koleo_loss, cross_entropy
 from .monitoring import MetricsLog, plot_loss_curves
