@@ -22,7 +22,7 @@ from torch import Tensor
 from .atomic import atomic_path
 from .errors import BrainDINOError, CancelledError
 from .resolution import ResolutionPolicy
-from .slices import PreprocessConfig, SliceGeometry, crop_box
+from .slices import PreprocessConfig, SliceGeometry, SliceStack, crop_box
 from .upsample import InplaneUpsampler, cell_means, interpolate_slices
 from .volume import Geometry, Volume
 
@@ -55,6 +55,11 @@ class VoxelMapping:
     geometry: Geometry
     stored: Geometry
     source: str = ""
+
+    @classmethod
+    def of_stack(cls, stack: SliceStack, volume: Volume, upsampling: str) -> VoxelMapping:
+        """How maps of `volume`'s model-ready slices `stack` land on its voxels, with or without features."""
+        return cls(stack.geometry, stack.guide, upsampling, volume.geometry, volume.stored, volume.source)
 
     @property
     def covered(self) -> range:

@@ -9,7 +9,7 @@ import pytest
 from BrainDINOLib.atlas import COLIN27_T1
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    # `make test` runs the tests in parallel workers (pytest -n 2), one per core: each worker and the processes
+    # `make test` runs the tests in parallel workers (pytest -n auto), one per core: each worker and the processes
     # its tests start compute on one thread, so the workers share the cores instead of oversubscribing them.
     os.environ["OMP_NUM_THREADS"] = "1"
 

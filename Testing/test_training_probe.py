@@ -27,7 +27,7 @@ def mni152():
 def test_probes_on_features_that_are_the_answer(mni152, policy):
     t1, labels = mni152
     stack = FeatureSession.open("demo", "cpu", policy).slice_stack(t1)  # the geometry only: no encoder runs
-    mapping = VoxelMapping(stack.geometry, stack.guide, policy.upsampling, t1.geometry, t1.stored, t1.source)
+    mapping = VoxelMapping.of_stack(stack, t1, policy.upsampling)
     split = choose_slices(mapping.covered, labels)
     assert (len(split.train), len(split.test)) == (10, 30) and not set(split.train) & set(split.test)
 

@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from BrainDINOLib import read_volume  # noqa: E402
 from BrainDINOLib.atlas import MNI152_GM, MNI152_T1, MNI152_WM  # noqa: E402
 from BrainDINOLib.atomic import write_text_atomic  # noqa: E402
-from BrainDINOLib.errors import report_errors  # noqa: E402
 from BrainDINOLib.commands.common import add_model_options, open_session  # noqa: E402
+from BrainDINOLib.errors import report_errors  # noqa: E402
 from BrainDINOLib.training.probe import tissue_probe  # noqa: E402
 from BrainDINOLib.tissue import tissue_classes  # noqa: E402
 

@@ -60,9 +60,7 @@ def check_manifest(manifest: Manifest, config: FitConfig) -> list[int]:
     rows = manifest.training_rows()
     test = manifest.select("test") if "split" in manifest.columns else []
     if config.task == SEGMENTATION:
-        manifest.require(config.label_column)
-        files = [manifest.image_columns(config.image_columns)[0], config.label_column]
-        manifest.image_paths(rows + test, files)
+        _check_segmentation_files(manifest, rows + test, config)
         return rows
     y, event, class_names = subject_targets(manifest, rows, config)
     subject_targets(manifest, test, config, class_names)
@@ -97,8 +95,7 @@ def evaluation_rows(card: HeadCard, manifest: Manifest, split: str | None = "tes
     config = evaluation_config(card, columns)
     rows = manifest.rows_of_split(split)
     if card.task == SEGMENTATION:
-        manifest.require(config.label_column)
-        manifest.image_paths(rows, [manifest.image_columns(config.image_columns)[0], config.label_column])
+        _check_segmentation_files(manifest, rows, config)
         return rows
     images = subject_image_columns(card, manifest, config)
     manifest.require(*images)
@@ -106,6 +103,12 @@ def evaluation_rows(card: HeadCard, manifest: Manifest, split: str | None = "tes
     subject_targets(manifest, rows, config, card.class_names or None)
     manifest.image_paths(rows, images)
     return rows
+
+
+def _check_segmentation_files(manifest: Manifest, rows: list[int], config: FitConfig) -> None:
+    """The label column exists, and every row's image (the first image column) and label volume exist."""
+    manifest.require(config.label_column)
+    manifest.image_paths(rows, [manifest.image_columns(config.image_columns)[0], config.label_column])
 
 
 def _refuse_label_volumes(manifest: Manifest, rows: list[int], column: str, task: str) -> None:

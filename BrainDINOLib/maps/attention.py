@@ -104,6 +104,5 @@ def attention_map(session: FeatureSession, volume: Volume, progress: Progress | 
         per_patch[start:stop] = stack.interleave(windows.cpu())
 
     for_each_batch(stack, encoder, attend, session.batch_size, progress, cancel, what="attention map")
-    mapping = VoxelMapping(stack.geometry, stack.guide, session.policy.upsampling, volume.geometry, volume.stored,
-                           volume.source)
+    mapping = VoxelMapping.of_stack(stack, volume, session.policy.upsampling)
     return AttentionMap(mean=mapping.to_volume(per_patch.mean(dim=-1)), heads=mapping.to_volume(per_patch))
